@@ -1,0 +1,144 @@
+"""Reading and writing safetensors files without loading what is not needed.
+
+The header is parsed by hand so that validation can check a file (names, dtypes, shapes, offsets
+against the file size) without reading tensor data, and tensors are memory-mapped one at a time
+so that fusing streams module by module. bfloat16 is widened to float32 exactly (numpy has no
+bfloat16) and narrowed back exactly on write. Writes are deterministic: sorted names, no
+timestamps.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import FusionError
+
+_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    end: int
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and check a safetensors header: tensor table and ``__metadata__``."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise FusionError(f"{path}: not a safetensors file (only {size} bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n > _MAX_HEADER or 8 + n > size:
+                raise FusionError(f"{path}: not a safetensors file or truncated (header of {n} bytes, file of {size})")
+            raw = f.read(n)
+    except OSError as e:
+        raise FusionError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        table = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise FusionError(f"{path}: corrupted safetensors header (not valid JSON)") from None
+    if not isinstance(table, dict):
+        raise FusionError(f"{path}: corrupted safetensors header")
+    meta = table.pop("__metadata__", None) or {}
+    tensors = {}
+    base = 8 + n
+    for name, entry in table.items():
+        try:
+            dtype, shape, (lo, hi) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise FusionError(f"{path}: corrupted safetensors header entry for {name!r}") from None
+        if dtype not in _DTYPES:
+            raise FusionError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(_DTYPES[dtype]).itemsize
+        if hi - lo != nbytes or lo < 0:
+            raise FusionError(f"{path}: tensor {name!r} has inconsistent offsets for shape {list(shape)}")
+        if base + hi > size:
+            raise FusionError(f"{path}: truncated: tensor {name!r} ends at byte {base + hi}, file has {size}")
+        tensors[name] = TensorInfo(name, dtype, shape, base + lo, base + hi)
+    return tensors, meta
+
+
+class SafetensorsFile:
+    """A memory-mapped safetensors file; ``get(name)`` returns a float32 (or native) array."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.tensors, self.metadata = read_header(self.path)
+        self._map = np.memmap(self.path, dtype=np.uint8, mode="r") if self.path.stat().st_size else None
+
+    def raw(self, name: str) -> np.ndarray:
+        """The tensor as stored (bfloat16 as uint16 bits)."""
+        info = self.tensors[name]
+        buf = self._map[info.start:info.end]
+        return buf.view(_DTYPES[info.dtype]).reshape(info.shape)
+
+    def get(self, name: str, dtype=np.float32) -> np.ndarray:
+        """The tensor converted to ``dtype`` (a fresh array, safe after the file is closed)."""
+        info = self.tensors[name]
+        arr = self.raw(name)
+        if info.dtype == "BF16":
+            arr = (arr.astype(np.uint32) << 16).view(np.float32)
+        return np.array(arr, dtype=dtype)
+
+    def check_finite(self, name: str) -> bool:
+        info = self.tensors[name]
+        arr = self.raw(name)
+        if info.dtype == "BF16":  # exponent all ones = Inf/NaN
+            return not bool(np.any((arr & 0x7F80) == 0x7F80))
+        if arr.dtype.kind != "f":
+            return True
+        return bool(np.isfinite(arr).all())
+
+
+def to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits, round to nearest even (exact for values that came from bf16)."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = u + 0x7FFF + ((u >> 16) & 1)
+    return (rounded >> 16).astype(np.uint16)
+
+
+def write_file(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None,
+               dtypes: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` (numpy arrays) to ``path``. ``dtypes`` may ask for "BF16"/"F16" per name."""
+    names = sorted(tensors)
+    dtypes = dtypes or {}
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in sorted(metadata.items())}
+    blobs, offset = [], 0
+    rev = {v: k for k, v in _DTYPES.items() if k != "BF16"}
+    for name in names:
+        arr = tensors[name]
+        want = dtypes.get(name)
+        if want == "BF16":
+            data, code = to_bf16_bits(arr), "BF16"
+        else:
+            data = np.ascontiguousarray(arr, dtype=_DTYPES[want] if want else None)
+            code = rev[data.dtype.type]
+        b = data.tobytes()
+        header[name] = {"dtype": code, "shape": list(arr.shape), "data_offsets": [offset, offset + len(b)]}
+        blobs.append(b)
+        offset += len(b)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for b in blobs:
+            f.write(b)

@@ -1,0 +1,98 @@
+"""Shared test factories: real adapter directories with random factors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import pipeline  # noqa: F401  (fast BLAS before mlx)
+from pipeline.safetensors_io import write_file
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A small llama-like module set: name -> (in, out)
+TINY_MODULES = {
+    "self_attn.q_proj": (32, 32),
+    "self_attn.v_proj": (32, 32),
+    "mlp.down_proj": (64, 32),
+}
+
+
+def module_shapes(layers=(0, 1), keys=TINY_MODULES):
+    return {f"model.layers.{i}.{k}": shape for i in layers for k, shape in keys.items()}
+
+
+def random_factors(shapes: dict, rank: int, seed: int, dtype=np.float32):
+    """{module: (A (r, in), B (out, r))} with nonzero B (a trained-looking adapter)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, (fin, fout) in sorted(shapes.items()):
+        a = rng.normal(0, 1 / np.sqrt(fin), (rank, fin)).astype(dtype)
+        b = rng.normal(0, 0.05, (fout, rank)).astype(dtype)
+        out[name] = (a, b)
+    return out
+
+
+def make_mlx_adapter(path: Path, shapes=None, rank=4, scale=2.0, seed=0, num_layers=2,
+                     model=None, dtype=None, fine_tune_type="lora", weights_name="adapters.safetensors"):
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    factors = random_factors(shapes or module_shapes(), rank, seed)
+    tensors = {}
+    for name, (a, b) in factors.items():
+        tensors[f"{name}.lora_a"] = a.T.copy()
+        tensors[f"{name}.lora_b"] = b.T.copy()
+    dtypes = {k: dtype for k in tensors} if dtype else None
+    write_file(path / weights_name, tensors, {"format": "mlx"}, dtypes)
+    cfg = {"fine_tune_type": fine_tune_type, "num_layers": num_layers,
+           "lora_parameters": {"rank": rank, "scale": scale, "dropout": 0.0}}
+    if model:
+        cfg["model"] = model
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    return path, factors
+
+
+def make_peft_adapter(path: Path, shapes=None, rank=4, alpha=8, seed=0, rslora=False, dtype=None,
+                      base="tiny/base"):
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    factors = random_factors(shapes or module_shapes(), rank, seed)
+    tensors = {}
+    for name, (a, b) in factors.items():
+        tensors[f"base_model.model.{name}.lora_A.weight"] = a
+        tensors[f"base_model.model.{name}.lora_B.weight"] = b
+    dtypes = {k: dtype for k in tensors} if dtype else None
+    write_file(path / "adapter_model.safetensors", tensors, {"format": "pt"}, dtypes)
+    cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha,
+           "use_rslora": rslora, "target_modules": ["q_proj", "v_proj", "down_proj"],
+           "base_model_name_or_path": base, "lora_dropout": 0.0}
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    return path, factors
+
+
+def run_cli(*args, cwd=None, timeout=300):
+    """Run the real ``fusion`` command line in a subprocess."""
+    exe = Path(sys.executable).parent / "fusion"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "pipeline.cli"]
+    env = dict(os.environ)
+    return subprocess.run([*cmd, *map(str, args)], cwd=cwd or ROOT,
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def tree_bytes(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def tiny_model(tmp_path_factory):
+    """An untrained tiny llama (hidden 32, 2 layers, FF 64) loadable by mlx_lm.load."""
+    from pipeline.tinymodel import write_tiny_llama
+
+    path = tmp_path_factory.mktemp("base")
+    return write_tiny_llama(path, seed=0, hidden=32, layers=2, heads=4, ff=64)

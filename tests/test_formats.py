@@ -1,0 +1,139 @@
+"""Reading and writing adapters: mlx-lm and PEFT layouts, bf16, conversion, broken files."""
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import make_mlx_adapter, make_peft_adapter, module_shapes, tree_bytes
+from pipeline.errors import FusionError
+from pipeline.formats import convert, read_adapter
+from pipeline.safetensors_io import SafetensorsFile, to_bf16_bits, write_file
+
+
+def test_mlx_adapter_reads_as_scaled_factors(tmp_path):
+    path, factors = make_mlx_adapter(tmp_path / "a", rank=4, scale=2.0)
+    a = read_adapter(path)
+    assert a.layout == "mlx" and a.ranks == {4} and a.scales == {2.0} and a.layers == {0, 1}
+    assert a.keys == {"self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"}
+    name = "model.layers.1.mlp.down_proj"
+    A, B, s = a.factors(name)
+    assert A.shape == (4, 64) and B.shape == (32, 4)
+    np.testing.assert_array_equal(A, factors[name][0])
+    np.testing.assert_array_equal(B, factors[name][1])
+    assert a.modules[name].layer == 1 and a.modules[name].key == "mlp.down_proj"
+
+
+def test_best_adapters_file_is_found(tmp_path):
+    path, _ = make_mlx_adapter(tmp_path / "a", weights_name="best_adapters.safetensors")
+    assert read_adapter(path).weights_file.name == "best_adapters.safetensors"
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_peft_scale_and_names(tmp_path, rslora):
+    path, factors = make_peft_adapter(tmp_path / "p", rank=4, alpha=8, rslora=rslora)
+    a = read_adapter(path)
+    assert a.layout == "peft" and a.base_model == "tiny/base"
+    assert a.scales == {8 / 2.0 if rslora else 8 / 4}
+    name = "model.layers.0.self_attn.q_proj"
+    A, B, _ = a.factors(name)
+    np.testing.assert_array_equal(A, factors[name][0])
+    np.testing.assert_array_equal(B, factors[name][1])
+
+
+def test_bf16_round_trip_is_exact():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=1000).astype(np.float32)
+    bits = to_bf16_bits(x)
+    widened = (bits.astype(np.uint32) << 16).view(np.float32)
+    assert np.max(np.abs(widened - x) / np.abs(x)) < 2 ** -8  # bf16 has 8 bits of mantissa
+    np.testing.assert_array_equal(to_bf16_bits(widened), bits)  # exact once in bf16
+
+
+def test_safetensors_readable_by_the_reference_library(tmp_path):
+    from safetensors.numpy import load_file
+
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    write_file(tmp_path / "t.safetensors", {"b": x, "a": x.T.copy()}, {"format": "mlx"})
+    loaded = load_file(str(tmp_path / "t.safetensors"))
+    np.testing.assert_array_equal(loaded["b"], x)
+    np.testing.assert_array_equal(loaded["a"], x.T)
+
+
+@pytest.mark.parametrize("dtype", [None, "BF16"])
+@pytest.mark.parametrize("rslora", [False, True])
+def test_peft_to_mlx_to_peft_is_exact(tmp_path, dtype, rslora):
+    src, _ = make_peft_adapter(tmp_path / "peft", rank=4, alpha=16, rslora=rslora, dtype=dtype)
+    mlx = convert(src, tmp_path / "mlx", "mlx")
+    assert mlx.layout == "mlx"
+    cfg = json.loads((tmp_path / "mlx" / "adapter_config.json").read_text())
+    assert cfg["lora_parameters"]["scale"] == pytest.approx(16 / 2 if rslora else 16 / 4)
+    back = convert(tmp_path / "mlx", tmp_path / "back", "peft")
+    assert back.layout == "peft"
+    assert tree_bytes(tmp_path / "back")["adapter_model.safetensors"] == (src / "adapter_model.safetensors").read_bytes()
+    assert json.loads((tmp_path / "back" / "adapter_config.json").read_text()) == json.loads(
+        (src / "adapter_config.json").read_text())
+
+
+def test_mlx_to_peft_keeps_the_delta(tmp_path):
+    src, factors = make_mlx_adapter(tmp_path / "m", rank=4, scale=3.0)
+    convert(src, tmp_path / "p", "peft")
+    p = read_adapter(tmp_path / "p")
+    for name, (a, b) in factors.items():
+        A, B, s = p.factors(name)
+        np.testing.assert_allclose(s * B @ A, 3.0 * b @ a, rtol=1e-6, atol=1e-7)
+
+
+def test_mlx_converted_from_peft_loads_in_mlx_lm(tmp_path, tiny_model):
+    import mlx.core as mx
+    from mlx_lm import load
+
+    src, factors = make_peft_adapter(tmp_path / "p", rank=4, alpha=8)
+    convert(src, tmp_path / "m", "mlx")
+    model, _ = load(str(tiny_model), adapter_path=str(tmp_path / "m"))
+    layer = model.model.layers[1].self_attn.q_proj
+    a, b = factors["model.layers.1.self_attn.q_proj"]
+    np.testing.assert_allclose(np.array(layer.lora_a), a.T)
+    assert float(layer.scale) == 2.0
+    del mx
+
+
+def test_truncated_file_is_named(tmp_path):
+    path, _ = make_mlx_adapter(tmp_path / "a")
+    f = path / "adapters.safetensors"
+    f.write_bytes(f.read_bytes()[:-10])
+    with pytest.raises(FusionError, match=r"adapters.safetensors: truncated"):
+        read_adapter(path)
+
+
+def test_garbage_header_is_named(tmp_path):
+    path, _ = make_mlx_adapter(tmp_path / "a")
+    (path / "adapters.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    with pytest.raises(FusionError, match="corrupted safetensors header"):
+        read_adapter(path)
+
+
+def test_missing_config_and_weights(tmp_path):
+    with pytest.raises(FusionError, match="does not exist"):
+        read_adapter(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FusionError, match="no adapter weights found"):
+        read_adapter(tmp_path / "empty")
+    path, _ = make_mlx_adapter(tmp_path / "a")
+    (path / "adapter_config.json").unlink()
+    with pytest.raises(FusionError, match="adapter_config.json: missing"):
+        read_adapter(path)
+
+
+def test_nan_detection_streams_tensors(tmp_path):
+    path, _ = make_mlx_adapter(tmp_path / "a", dtype="BF16")
+    assert read_adapter(path).check_finite() == []
+    f = SafetensorsFile(path / "adapters.safetensors")
+    tensors = {n: f.get(n) for n in f.tensors}
+    tensors["model.layers.0.self_attn.q_proj.lora_b"][0, 0] = np.inf
+    write_file(path / "adapters.safetensors", tensors, None, {n: "BF16" for n in tensors})
+    assert read_adapter(path).check_finite() == ["model.layers.0.self_attn.q_proj.lora_b"]
+
+
+def test_shapes_helper_matches_tiny_model():
+    assert module_shapes()["model.layers.0.mlp.down_proj"] == (64, 32)
