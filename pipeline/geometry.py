@@ -1,0 +1,140 @@
+"""Cheap figures about the sources of one module, computed from their factors, no model needed.
+
+A source is ``(A (r, in), B (out, r))`` with the scale folded into B (delta ``B @ A``), or None
+(delta 0), as in :mod:`pipeline.methods`.
+
+- norms and cosine similarities use the Frobenius inner product of low-rank products,
+  ``<B_1 A_1, B_2 A_2> = sum((B_1^T B_2) * (A_1 A_2^T))`` (r x r matrices, float64), never a
+  dense delta; a cosine involving a zero delta is ``None`` (no direction);
+- the sign-conflict rate of two sources is the fraction of entries where both deltas are nonzero
+  and their signs differ, among the entries where both are nonzero (``None`` when there are
+  none, e.g. a missing module). Over all sources (``sign_conflict_all``): among entries where at
+  least two deltas are nonzero, the fraction where both signs occur. This needs dense rows:
+  modules with more than ``max_rows`` output rows use a fixed sample of that many rows, drawn
+  without replacement from a generator seeded by sha256 of the module name (deterministic, the
+  same rows for every source).
+
+Everything returned is plain floats, lists and dicts (JSON-ready).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Sequence
+
+import numpy as np
+
+MAX_ROWS = 256  # row sample for the sign-conflict rate
+
+
+def lowrank_inner(s1, s2) -> float:
+    """Frobenius inner product ``<B1 A1, B2 A2>`` from the factors (0.0 if either is None)."""
+    if s1 is None or s2 is None:
+        return 0.0
+    a1, b1 = (np.asarray(x, np.float64) for x in s1)
+    a2, b2 = (np.asarray(x, np.float64) for x in s2)
+    return float(np.sum((b1.T @ b2) * (a1 @ a2.T)))
+
+
+def gram_matrix(sources: Sequence) -> np.ndarray:
+    """(n, n) float64 matrix of the deltas' Frobenius inner products (symmetric, PSD)."""
+    n = len(sources)
+    g = np.zeros((n, n))
+    for i in range(n):
+        for j in range(i, n):
+            g[i, j] = g[j, i] = lowrank_inner(sources[i], sources[j])
+    return g
+
+
+def lowrank_norm(source) -> float:
+    """``|B A|_F`` from the factors: ``sqrt(sum((B^T B) * (A A^T)))``."""
+    return math.sqrt(max(lowrank_inner(source, source), 0.0))
+
+
+def cosine_matrix(sources: Sequence) -> list[list[float | None]]:
+    """Pairwise cosine similarity of the deltas (None where a delta is zero)."""
+    g = gram_matrix(sources)
+    d = np.sqrt(np.clip(np.diag(g), 0.0, None))
+    n = len(sources)
+    return [[float(np.clip(g[i, j] / (d[i] * d[j]), -1.0, 1.0)) if d[i] > 0 and d[j] > 0 else None
+             for j in range(n)] for i in range(n)]
+
+
+def sample_rows(out: int, name: str, max_rows: int = MAX_ROWS) -> np.ndarray:
+    """All rows if ``out <= max_rows``, else ``max_rows`` sorted rows chosen by the module name."""
+    if out <= max_rows:
+        return np.arange(out)
+    d = hashlib.sha256(name.encode("utf-8")).digest()
+    rng = np.random.default_rng([int.from_bytes(d[i:i + 4], "little") for i in range(0, 32, 4)])
+    return np.sort(rng.choice(out, size=max_rows, replace=False))
+
+
+def sign_conflicts(sources: Sequence, shape: tuple[int, int], name: str,
+                   max_rows: int = MAX_ROWS) -> tuple[list[list[float | None]], float | None]:
+    """(pairwise sign-conflict rates, rate over all sources) on the sampled rows."""
+    rows = sample_rows(shape[0], name, max_rows)
+    n = len(sources)
+    signs = np.zeros((n, len(rows), shape[1]), np.int8)
+    for i, s in enumerate(sources):
+        if s is not None:
+            a, b = s
+            signs[i] = np.sign(np.asarray(b, np.float32)[rows] @ np.asarray(a, np.float32))
+    pair: list[list[float | None]] = [[None] * n for _ in range(n)]
+    for i in range(n):
+        for j in range(n):
+            both = (signs[i] != 0) & (signs[j] != 0)
+            cnt = int(both.sum())
+            if cnt:
+                pair[i][j] = int((both & (signs[i] != signs[j])).sum()) / cnt
+    nonzero = (signs != 0).sum(axis=0)
+    mixed = (signs > 0).any(axis=0) & (signs < 0).any(axis=0)
+    multi = int((nonzero >= 2).sum())
+    overall = int(mixed.sum()) / multi if multi else None
+    return pair, overall
+
+
+def module_geometry(sources: Sequence, shape: tuple[int, int], name: str,
+                    max_rows: int = MAX_ROWS) -> dict:
+    """``{"norms": [..], "cosine": [[..]], "sign_conflict": [[..]], "sign_conflict_all": x}``
+    for one module (lists indexed by source; None where undefined)."""
+    pair, overall = sign_conflicts(sources, shape, name, max_rows)
+    return {
+        "norms": [lowrank_norm(s) for s in sources],
+        "cosine": cosine_matrix(sources),
+        "sign_conflict": pair,
+        "sign_conflict_all": overall,
+    }
+
+
+def _stats(values: list[float]) -> dict:
+    if not values:
+        return {"mean": None, "min": None, "max": None, "modules": 0}
+    return {"mean": float(np.mean(values)), "min": float(min(values)), "max": float(max(values)),
+            "modules": len(values)}
+
+
+def summarize(per_module: dict[str, dict], names: Sequence[str]) -> dict:
+    """Whole-fusion figures from :func:`module_geometry` results (extra keys are ignored).
+
+    ``adapters``: per source, its total delta norm over all modules (sqrt of the sum of squares)
+    and the number of modules it has; ``pairs``: per pair of sources, mean/min/max over the
+    modules where defined of the cosine and of the sign-conflict rate; ``sign_conflict_all``:
+    the same statistics of the all-source rate."""
+    mods = list(per_module.values())
+    n = len(names)
+    adapters = []
+    for i, nm in enumerate(names):
+        norms = [m["norms"][i] for m in mods]
+        adapters.append({"name": nm, "norm": math.sqrt(sum(x * x for x in norms)),
+                         "modules": sum(1 for x in norms if x > 0)})
+    pairs = []
+    for i in range(n):
+        for j in range(i + 1, n):
+            cos = [m["cosine"][i][j] for m in mods if m["cosine"][i][j] is not None]
+            conf = [m["sign_conflict"][i][j] for m in mods if m["sign_conflict"][i][j] is not None]
+            pairs.append({"adapters": [names[i], names[j]], "cosine": _stats(cos),
+                          "sign_conflict": _stats(conf)})
+    allc = [m["sign_conflict_all"] for m in mods if m["sign_conflict_all"] is not None]
+    return {"adapters": adapters, "pairs": pairs, "sign_conflict_all": _stats(allc),
+            "modules": len(mods)}
