@@ -145,19 +145,24 @@ def prompt_tokens(tokenizer, prompt: str) -> list[int]:
 
 
 def load_model(base: str | Path, adapter: str | Path | None = None):
-    """``mlx_lm.load`` from local directories only (a missing path would otherwise hit the hub)."""
+    """``mlx_lm.load`` a local model directory or a hub id (``org/name``, downloaded by mlx-lm).
+
+    A path-like ``base`` (absolute, ``./``, ``../``, or an existing directory) must be a model
+    directory; anything else of the form ``org/name`` is passed to mlx-lm as a hub id.
+    """
     import mlx_lm
 
-    base = Path(base)
-    if not (base / "config.json").is_file():
+    text = str(base)
+    local = Path(text).exists() or text.startswith(("/", "./", "../", "~")) or text.count("/") != 1
+    if local and not (Path(text) / "config.json").is_file():
         raise FusionError(f"{base}: not a model directory (no config.json)")
     if adapter is not None:
         adapter = Path(adapter)
         if not (adapter / "adapter_config.json").is_file():
             raise FusionError(f"{adapter}: not an adapter directory (no adapter_config.json)")
     try:
-        model, tokenizer = mlx_lm.load(str(base), adapter_path=None if adapter is None else str(adapter))
-    except (ValueError, FileNotFoundError, KeyError) as e:  # e.g. adapter tensors that do not fit
+        model, tokenizer = mlx_lm.load(text, adapter_path=None if adapter is None else str(adapter))
+    except Exception as e:  # adapter tensors that do not fit, a hub id that cannot be fetched, ...
         where = base if adapter is None else f"{adapter} on {base}"
         raise FusionError(f"{where}: cannot load: {str(e).strip().splitlines()[0]}") from None
     model.eval()

@@ -1,0 +1,239 @@
+"""The ``fusion`` command line: a thin typer layer over the library.
+
+User mistakes (:class:`pipeline.errors.FusionError`) end as ``error: ...`` lines on stderr and
+exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from pipeline.errors import FusionError
+
+app = typer.Typer(
+    name="fusion",
+    help="Fuse LoRA adapters exactly, check them, convert between mlx-lm and PEFT layouts.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+# Pipes and CI logs get wide tables instead of rich's 80-column default.
+out = Console(width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main() -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminate)  # clean up temporary outputs on kill/timeout
+    try:
+        app()
+    except FusionError as e:
+        for line in str(e).splitlines() or ["(no message)"]:
+            err.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+
+
+def progress_bar(description: str):
+    """A rich progress bar on stderr; returns (Progress, callback(done, total))."""
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), console=err, transient=False, disable=not err.is_terminal)
+    task = bar.add_task(description, total=None)
+
+    def update(done: int, total: int) -> None:
+        bar.update(task, completed=done, total=total)
+
+    return bar, update
+
+
+# --- option parsing --------------------------------------------------------------------------
+
+def parse_list(text: str | None, what: str):
+    """``0.7,0.3`` or ``[0.7, 0.3]`` or ``[[1, 0.5], [0, 0.5]]`` (per-layer lists) or ``0.5``."""
+    if text is None:
+        return None
+    s = text.strip()
+    try:
+        value = yaml.safe_load(s if s.startswith("[") or "," not in s else f"[{s}]")
+    except yaml.YAMLError:
+        raise FusionError(f"--{what}: cannot read {text!r} (use 0.7,0.3 or [0.7, 0.3])") from None
+    return value
+
+
+def parse_rules(rules: list[str] | None) -> list[dict]:
+    """``--rule 'self_attn: {weights: [0.9, 0.1], density: 0.5}'`` -> [{match, ...}]."""
+    parsed = []
+    for text in rules or []:
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = None
+        if not isinstance(value, dict) or len(value) != 1 or not isinstance(next(iter(value.values())), dict):
+            raise FusionError(f"--rule {text!r}: expected 'MATCH: {{weights: [...], density: ..., t: ...}}'")
+        (match, values), = value.items()
+        parsed.append({"match": str(match), **values})
+    return parsed
+
+
+def make_spec(n: int, method: str, weights: str | None, density: str | None, majority_sign_method: str,
+              t: str | None, rank: int | None, space: str, seed: int, rules: list[str] | None):
+    from pipeline.fuse import FusionSpec, check_spec
+
+    spec = FusionSpec(method=method, weights=parse_list(weights, "weights"),
+                      density=parse_list(density, "density") if density is not None else 1.0,
+                      majority_sign_method=majority_sign_method,
+                      t=parse_list(t, "t") if t is not None else 0.5,
+                      rank=rank, space=space, seed=seed, rules=parse_rules(rules))
+    if isinstance(spec.weights, (int, float)):
+        spec.weights = [spec.weights]
+    check_spec(spec, n)
+    return spec
+
+
+METHOD_HELP = "linear, concat, slerp, ties, dare_linear, dare_ties or magnitude_prune."
+ADAPTERS = typer.Argument(..., help="Adapter directories (mlx-lm or PEFT layout).", show_default=False)
+o_method = typer.Option("linear", "--method", "-m", help=f"Fusion method: {METHOD_HELP}")
+o_weights = typer.Option(None, "--weights", "-w", help="One weight per adapter: 0.7,0.3 (negative subtracts); "
+                         "a list per adapter interpolates across layers: [[1,0.5],[0,0.5]]. Default: "
+                         "1/N for linear, concat, slerp; 1 for the others.")
+o_density = typer.Option(None, "--density", "-d", help="Fraction of entries kept by ties, dare_*, "
+                         "magnitude_prune, in (0, 1]; a list interpolates across layers. Default 1.")
+o_msm = typer.Option("total", "--majority-sign-method", help="TIES sign election: total or frequency.")
+o_t = typer.Option(None, "--t", help="SLERP position in [0, 1] between two adapters (0 = first). Default 0.5.")
+o_rank = typer.Option(None, "--rank", "-r", help="Output rank. Default: exact for linear/concat/slerp, "
+                      "the largest input rank for the masking methods.")
+o_space = typer.Option("delta", "--space", help="delta (exact, default) or factors (per-tensor average "
+                       "of lora_a/lora_b, as simple scripts do; equal ranks only).")
+o_seed = typer.Option(0, "--seed", help="Seed of DARE's random masks and the randomized SVD.")
+o_rule = typer.Option(None, "--rule", help="Per-module override, first match wins: "
+                      "'self_attn: {weights: [0.9, 0.1], density: 0.5}'. Repeatable.")
+o_ignore_base = typer.Option(False, "--ignore-base", help="Fuse even if the configs name different base models.")
+
+
+# --- commands --------------------------------------------------------------------------------
+
+def _human(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def adapter_table(adapters, title: str, root: Path | None = None) -> Table:
+    from pipeline.validate import _span
+
+    table = Table(title=title)
+    for col in ("adapter", "layout", "rank", "scale", "layers", "modules", "size", "tensors"):
+        table.add_column(col, justify="right" if col in ("rank", "scale", "size", "tensors") else "left",
+                         overflow="fold")
+    for a in adapters:
+        shown = a.path.relative_to(root) if root is not None and a.path != root else a.path
+        table.add_row(str(shown), a.layout, ",".join(map(str, sorted(a.ranks))),
+                      ",".join(f"{s:g}" for s in sorted(a.scales)), _span(a.layers),
+                      ", ".join(sorted(a.keys)), _human(a.size_bytes), str(a.tensor_count))
+    return table
+
+
+@app.command("list")
+def list_adapters(root: Path = typer.Argument(Path("adapters"), help="A directory of adapters (or one adapter).")):
+    """List every adapter under ROOT with its rank, scale, layers, target modules, size and tensor count."""
+    from pipeline.formats import is_adapter_dir, read_adapter
+
+    if not root.is_dir():
+        raise FusionError(f"{root}: not a directory")
+    dirs = [root] if is_adapter_dir(root) else sorted(p for p in root.rglob("*") if is_adapter_dir(p))
+    if not dirs:
+        raise FusionError(f"{root}: no adapters found (looked for adapters.safetensors, "
+                          "best_adapters.safetensors, adapter_model.safetensors)")
+    adapters, problems = [], []
+    for d in dirs:
+        try:
+            adapters.append(read_adapter(d))
+        except FusionError as e:
+            problems.append(str(e))
+    out.print(adapter_table(adapters, f"{len(adapters)} adapter(s) under {root}", root))
+    for p in problems:
+        err.print(f"[yellow]skipped:[/] {p}", highlight=False)
+
+
+@app.command()
+def validate(
+    adapters: List[Path] = ADAPTERS,
+    method: str = o_method, weights: Optional[str] = o_weights, density: Optional[str] = o_density,
+    majority_sign_method: str = o_msm, t: Optional[str] = o_t, rank: Optional[int] = o_rank,
+    space: str = o_space, seed: int = o_seed, rule: Optional[List[str]] = o_rule,
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="The planned output directory (checked not to be an input)."),
+    ignore_base: bool = o_ignore_base,
+):
+    """Check that ADAPTERS can be fused (with these settings); print what was found.
+
+    Exit 0 when they can; otherwise one line per problem and exit 2. Reads configs and headers, plus
+    one streaming pass for NaN/Inf.
+    """
+    from pipeline.validate import validate as run
+
+    spec = make_spec(len(adapters), method, weights, density, majority_sign_method, t, rank, space, seed, rule)
+    result = run(adapters, out_dir, ignore_base=ignore_base, space=spec.space)
+    out.print(adapter_table(result.adapters, f"{len(adapters)} adapters can be fused with {spec.method}"))
+    for note in result.notes:
+        out.print(f"note: {note}", highlight=False)
+    out.print("[green]ok[/]")
+
+
+@app.command()
+def fuse(
+    adapters: List[Path] = ADAPTERS,
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Output adapter directory (mlx-lm layout).", show_default=False),
+    method: str = o_method, weights: Optional[str] = o_weights, density: Optional[str] = o_density,
+    majority_sign_method: str = o_msm, t: Optional[str] = o_t, rank: Optional[int] = o_rank,
+    space: str = o_space, seed: int = o_seed, rule: Optional[List[str]] = o_rule,
+    ignore_base: bool = o_ignore_base,
+):
+    """Fuse ADAPTERS into one mlx-lm adapter at --out, plus fusion.json (what was done, hashes, errors).
+
+    Load it with: mlx_lm.generate --model BASE --adapter-path OUT
+    """
+    from pipeline.fuse import fuse as run
+
+    spec = make_spec(len(adapters), method, weights, density, majority_sign_method, t, rank, space, seed, rule)
+    bar, update = progress_bar(f"fusing {len(adapters)} adapters ({spec.method})")
+    with bar:
+        record = run(adapters, out_dir, spec, progress=update, ignore_base=ignore_base)
+    o = record["output"]
+    for note in record["notes"]:
+        out.print(f"note: {note}", highlight=False)
+    out.print(f"wrote {out_dir}: {o['modules']} modules, rank {o['rank']}, "
+              f"max re-factoring error {o['max_error']:.2e}", highlight=False)
+
+
+@app.command()
+def convert(
+    adapter: Path = typer.Argument(..., help="Adapter directory to convert.", show_default=False),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Output directory.", show_default=False),
+    to: str = typer.Option(..., "--to", help="Target layout: mlx (mlx-lm) or peft.", show_default=False),
+):
+    """Convert an adapter between the PEFT and mlx-lm layouts (exact; rsLoRA honoured)."""
+    from pipeline.formats import convert as run
+
+    result = run(adapter, out_dir, to)
+    out.print(f"wrote {out_dir} ({result.layout} layout, {len(result.modules)} modules)", highlight=False)
+
+
+if __name__ == "__main__":
+    main()

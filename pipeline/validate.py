@@ -1,0 +1,119 @@
+"""Can these adapters be fused? Checks that run before any heavy work.
+
+Reads configs and safetensors headers; the one data pass is the NaN/Inf scan, which streams the
+memory-mapped tensors. Every problem found is collected, so the user sees all of them at once, one
+line each, each naming the adapter. Differences that delta-space fusion handles (ranks, scales,
+layer counts, module sets) are notes, not problems.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.errors import FusionError
+from pipeline.formats import Adapter, read_adapter, refuse_unfusable
+
+
+@dataclass
+class Validation:
+    adapters: list[Adapter]
+    notes: list[str] = field(default_factory=list)
+
+
+def _same_base(a: str, b: str) -> bool:
+    return a.rstrip("/") == b.rstrip("/")
+
+
+def validate(paths: list[str | Path], out: str | Path | None = None, *, check_data: bool = True,
+             ignore_base: bool = False, space: str = "delta") -> Validation:
+    """Check adapters for fusion; raise one FusionError listing every problem (one per line)."""
+    problems: list[str] = []
+    adapters: list[Adapter] = []
+    if len(paths) < 2:
+        problems.append(f"need at least two adapters to fuse, got {len(paths)}")
+    resolved = [Path(p).resolve() for p in paths]
+    for i, p in enumerate(paths):
+        if resolved[i] in resolved[:i]:
+            problems.append(f"{p}: the same adapter is given twice")
+    for p in paths:
+        try:
+            a = read_adapter(p)
+            refuse_unfusable(a)
+        except FusionError as e:
+            problems.append(str(e))
+            continue
+        if check_data:
+            bad = a.check_finite()
+            if bad:
+                problems.append(f"{a.weights_file}: tensor {bad[0]!r} holds NaN or Inf values"
+                                + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
+        adapters.append(a)
+    if out is not None:
+        o = Path(out).resolve()
+        for p, r in zip(paths, resolved):
+            if o == r:
+                problems.append(f"{out}: the output directory is one of the inputs ({p})")
+    notes: list[str] = []
+    if len(adapters) >= 2:
+        problems += _cross_checks(adapters, ignore_base, space)
+        notes = _notes(adapters)
+    if problems:
+        raise FusionError("\n".join(problems))
+    return Validation(adapters, notes)
+
+
+def _cross_checks(adapters: list[Adapter], ignore_base: bool, space: str) -> list[str]:
+    problems = []
+    first = next((a for a in adapters if a.base_model), None)
+    if first is not None and not ignore_base:
+        for a in adapters:
+            if a.base_model and not _same_base(a.base_model, first.base_model):
+                problems.append(f"{a.path}: base model {a.base_model!r} differs from {first.path}'s "
+                                f"{first.base_model!r} (pass --ignore-base if they are the same model)")
+    shapes: dict[str, tuple[tuple[int, int], Adapter]] = {}
+    for a in adapters:
+        for name, m in a.modules.items():
+            shape = (m.out_features, m.in_features)
+            if name in shapes and shapes[name][0] != shape:
+                other = shapes[name][1]
+                problems.append(f"{a.path}: module {name} is {shape[0]}x{shape[1]} (out x in) but "
+                                f"{shapes[name][0][0]}x{shapes[name][0][1]} in {other.path}: "
+                                "not adapters of the same base model")
+            shapes.setdefault(name, (shape, a))
+    if space == "factors":
+        ranks = {a.path: a.ranks for a in adapters}
+        if len(set().union(*ranks.values())) > 1:
+            desc = ", ".join(f"{p.name}: {sorted(r)}" for p, r in ranks.items())
+            problems.append(f"--space factors averages lora_a and lora_b tensor by tensor, which needs "
+                            f"equal ranks ({desc}); use --space delta")
+        names = [set(a.modules) for a in adapters]
+        if any(n != names[0] for n in names):
+            problems.append("--space factors needs every adapter to adapt the same modules; "
+                            "use --space delta")
+    return problems
+
+
+def _notes(adapters: list[Adapter]) -> list[str]:
+    notes = []
+
+    def differs(label: str, values: dict[str, object]) -> None:
+        if len({repr(v) for v in values.values()}) > 1:
+            notes.append(f"{label} differ ({', '.join(f'{k}: {v}' for k, v in values.items())}); "
+                         "fine in delta space")
+
+    differs("ranks", {a.name: sorted(a.ranks) for a in adapters})
+    differs("scales", {a.name: sorted(a.scales) for a in adapters})
+    differs("layers", {a.name: _span(a.layers) for a in adapters})
+    differs("target modules", {a.name: sorted(a.keys) for a in adapters})
+    layouts = {a.layout for a in adapters}
+    if len(layouts) > 1:
+        notes.append("mixed mlx-lm and PEFT layouts; the fused adapter is written in the mlx-lm layout")
+    return notes
+
+
+def _span(layers: set[int]) -> str:
+    if not layers:
+        return "none"
+    lo, hi = min(layers), max(layers)
+    return f"{lo}-{hi}" if len(layers) == hi - lo + 1 else ",".join(map(str, sorted(layers)))
