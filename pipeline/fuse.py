@@ -184,6 +184,7 @@ def fuse(adapters: list[str | Path], out: str | Path, spec: FusionSpec | None = 
         result = fuse_module(sources, shape, spec.method, p, name)
         fused[name] = (result.a.astype(np.float32), result.b.astype(np.float32))
         per_module[name] = {"rank": int(result.rank), "error": float(result.error),
+                            "fused_norm": geometry.lowrank_norm(fused[name]),
                             **geometry.module_geometry(sources, shape, name)}
         if progress:
             progress(i + 1, len(all_modules))

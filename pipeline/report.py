@@ -365,7 +365,7 @@ def geometry_figure(data: dict) -> bytes:
         xs = range(len(modules))
         series = {
             "mean cosine between sources": [_mean_cos(m.get("cosine")) for m in modules.values()],
-            "sign-conflict rate": [m.get("sign_conflict") for m in modules.values()],
+            "sign-conflict rate": [_mean_cos(m.get("sign_conflict")) for m in modules.values()],
             "re-factoring error": [m.get("error") for m in modules.values()],
         }
         for (label, ys), marker in zip(series.items(), "osx"):
@@ -390,7 +390,7 @@ def _short_module(name: str) -> str:
 
 
 def _pairwise(cos) -> list[float]:
-    """Off-diagonal entries (i < j) of a cosine matrix; a bare number is one pair."""
+    """Off-diagonal entries (i < j) of a pairwise matrix (cosine, sign conflict); a number is one pair."""
     if cos is None:
         return []
     if isinstance(cos, (int, float)):
@@ -407,7 +407,7 @@ def geometry_summary(modules: dict) -> dict:
     """Whole-adapter figures from per-module geometry (``None`` where the fuse step gave nothing)."""
     ranks = [m["rank"] for m in modules.values() if m.get("rank") is not None]
     cos = [c for m in modules.values() for c in _pairwise(m.get("cosine"))]
-    conflict = [m["sign_conflict"] for m in modules.values() if m.get("sign_conflict") is not None]
+    conflict = [c for m in modules.values() for c in _pairwise(m.get("sign_conflict"))]
     errors = [m["error"] for m in modules.values() if m.get("error") is not None]
     norms = [m["norms"] for m in modules.values() if m.get("norms")]
     fused = [m["fused_norm"] for m in modules.values() if m.get("fused_norm") is not None]

@@ -1,0 +1,111 @@
+"""The params contract: ``params.yaml`` resolved into one fully specified job per fusion.
+
+Top-level defaults (``method``, ``weights``, ``density``, ``majority_sign_method``, ``t``, ``rank``,
+``space``, ``seed``) apply to every fusion under ``fusions:``; a fusion may override any of them
+and may add ``rules`` (per-module overrides). Adapters are declared once under ``adapters:``
+(``name: {path, data}``) and fusions refer to them by name. A fusion whose number of adapters
+differs from the default weights' length must give its own weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from pipeline.errors import FusionError
+from pipeline.fuse import FusionSpec, check_spec
+
+DEFAULT_KEYS = ("method", "weights", "density", "majority_sign_method", "t", "rank", "space", "seed")
+FUSION_KEYS = {"adapters", "rules", *DEFAULT_KEYS}
+DEFAULTS = {"method": "linear", "weights": None, "density": 1.0, "majority_sign_method": "total",
+            "t": 0.5, "rank": None, "space": "delta", "seed": 0}
+EVAL_DEFAULTS = {"max_examples": 100, "max_tokens": 16, "batch_size": 32}
+
+
+@dataclass
+class AdapterDecl:
+    name: str
+    path: Path
+    data: Path | None
+
+
+@dataclass
+class Fusion:
+    name: str
+    adapters: list[str]
+    spec: FusionSpec
+    inherited: list[str] = field(default_factory=list)  # which defaults it took from the top level
+
+
+@dataclass
+class Params:
+    base_model: str
+    adapters: dict[str, AdapterDecl]
+    fusions: dict[str, Fusion]
+    eval: dict
+    prompts: list[str]
+    raw: dict
+
+
+def load_params(path: str | Path = "params.yaml") -> dict:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise FusionError(f"{path}: not found") from None
+    except yaml.YAMLError as e:
+        raise FusionError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise FusionError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def resolve(raw: dict, where: str = "params.yaml") -> Params:
+    """Check the whole params file and resolve every fusion's settings; raise on the first problem."""
+    base = raw.get("base_model")
+    if not isinstance(base, str) or not base:
+        raise FusionError(f"{where}: base_model must name a model directory or hub id")
+    adapters = {}
+    for name, decl in (raw.get("adapters") or {}).items():
+        if not isinstance(decl, dict) or "path" not in decl:
+            raise FusionError(f"{where}: adapters.{name} needs a 'path' (and usually 'data')")
+        adapters[str(name)] = AdapterDecl(str(name), Path(decl["path"]),
+                                          Path(decl["data"]) if decl.get("data") else None)
+    if not adapters:
+        raise FusionError(f"{where}: no adapters declared under 'adapters:'")
+    defaults = {k: raw.get(k, DEFAULTS[k]) for k in DEFAULT_KEYS}
+    fusions = {}
+    for name, f in (raw.get("fusions") or {}).items():
+        fusions[str(name)] = _fusion(str(name), f, defaults, adapters, where)
+    if not fusions:
+        raise FusionError(f"{where}: no fusions declared under 'fusions:'")
+    ev = {**EVAL_DEFAULTS, **(raw.get("eval") or {})}
+    prompts = raw.get("prompts") or []
+    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+        raise FusionError(f"{where}: prompts must be a list of strings")
+    return Params(base, adapters, fusions, ev, prompts, raw)
+
+
+def _fusion(name: str, f, defaults: dict, adapters: dict, where: str) -> Fusion:
+    at = f"{where}: fusion {name!r}"
+    if not isinstance(f, dict) or not isinstance(f.get("adapters"), list):
+        raise FusionError(f"{at}: needs 'adapters: [NAME, ...]'")
+    unknown = set(f) - FUSION_KEYS
+    if unknown:
+        raise FusionError(f"{at}: unknown setting(s) {', '.join(sorted(unknown))} "
+                          f"(known: {', '.join(sorted(FUSION_KEYS))})")
+    for a in f["adapters"]:
+        if a not in adapters:
+            raise FusionError(f"{at}: unknown adapter {a!r} (declared: {', '.join(adapters)})")
+    n = len(f["adapters"])
+    inherited = [k for k in DEFAULT_KEYS if k not in f]
+    values = {k: f.get(k, defaults[k]) for k in DEFAULT_KEYS}
+    w = values["weights"]
+    if "weights" in inherited and isinstance(w, list) and len(w) != n:
+        raise FusionError(f"{at}: fuses {n} adapters but the default weights have {len(w)} values; "
+                          f"give this fusion its own 'weights'")
+    spec = FusionSpec(**values, rules=f.get("rules") or [])
+    check_spec(spec, n, at)
+    return Fusion(name, list(f["adapters"]), spec, inherited)

@@ -1,0 +1,73 @@
+"""Stages ``baselines`` and ``evaluate@NAME``: score models on every task's evaluation set.
+
+``baselines`` scores the base model and every source adapter once; ``evaluate@NAME`` scores one
+fused adapter on the tasks of the adapters it was built from. Both also answer the free-form
+``prompts``. The plans come from the validate stage.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from pipeline.stages import run
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True)
+
+
+def _score(plan: dict, adapter: str | None, label: str) -> dict:
+    from rich.progress import Progress
+
+    from pipeline.evaluate import evaluate, generate_samples
+
+    ev = plan["eval"]
+    tasks = {name: Path(t["data"]) for name, t in plan["tasks"].items() if t["data"]}
+    with Progress(transient=True) as bar:
+        ids: dict[tuple, int] = {}
+
+        def progress(task: str, stage: str, done: int, total: int) -> None:
+            key = (task, stage)
+            if key not in ids:
+                ids[key] = bar.add_task(f"{label}: {task} {stage}", total=total)
+            bar.update(ids[key], completed=done)
+
+        result = evaluate(plan["base_model"], adapter, tasks, max_examples=ev["max_examples"],
+                          max_tokens=ev["max_tokens"], batch_size=ev["batch_size"], progress=progress)
+    prompts = plan.get("prompts") or []
+    if prompts:
+        answers = generate_samples(plan["base_model"], adapter, prompts, ev["max_tokens"])
+        result["generations"] = dict(zip(prompts, answers))
+    return result
+
+
+def _write(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+@app.command()
+def baselines(plan: Path = typer.Option(..., help="baselines.json written by the validate stage."),
+              out: Path = typer.Option(..., help="Where to write the scores.")):
+    """Score the base model and each source adapter on every task."""
+    job = json.loads(plan.read_text())
+    result = {"base": _score(job, None, "base"), "adapters": {}}
+    for name, a in job["adapters"].items():
+        result["adapters"][name] = _score(job, a["path"], name)
+    _write(out, result)
+    print(f"scored the base model and {len(job['adapters'])} adapter(s) on {len(job['tasks'])} task(s)")
+
+
+@app.command()
+def fusion(plan: Path = typer.Option(..., help="NAME.eval.json written by the validate stage."),
+           adapter: Path = typer.Option(..., help="The fused adapter directory."),
+           out: Path = typer.Option(..., help="Where to write the scores.")):
+    """Score one fused adapter on the tasks of its source adapters."""
+    job = json.loads(plan.read_text())
+    _write(out, _score(job, str(adapter), job["fusion"]))
+    print(f"scored {job['fusion']} on {len(job['tasks'])} task(s)")
+
+
+if __name__ == "__main__":
+    run(app)
