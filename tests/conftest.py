@@ -96,3 +96,56 @@ def tiny_model(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("base")
     return write_tiny_llama(path, seed=0, hidden=32, layers=2, heads=4, ff=64)
+
+
+# --- scratch copies of the whole project, for pipeline tests ---------------------------------
+
+REDUCED_DEMO = {"seed": 0, "hidden": 32, "layers": 1, "heads": 2, "ff": 64, "pretrain_steps": 30,
+                "pretrain_batch": 16, "examples_per_task": 64, "replay_per_task": 16,
+                "valid_per_task": 16, "test_per_task": 16, "adapter_rank": 2, "adapter_iters": 10,
+                "adapter_batch": 16}
+
+
+def tool_env() -> dict:
+    """The environment for dvc and stage commands: this virtualenv's bin first on PATH."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def sh(*cmd, cwd, check=True, timeout=900) -> subprocess.CompletedProcess:
+    r = subprocess.run([str(c) for c in cmd], cwd=cwd, capture_output=True, text=True,
+                       env=tool_env(), timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, cmd))} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+def scratch_project(dest: Path, demo: dict | None = None, eval_examples: int = 16) -> Path:
+    """Copy the project's files (as git sees them) to ``dest``, shrink the demo, commit."""
+    import yaml
+
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.split()
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        src = ROOT / f
+        if src.is_file() and not f.startswith(("reports/", "dvc.lock")):
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            (dest / f).write_bytes(src.read_bytes())
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    params["demo"] = demo or REDUCED_DEMO
+    params["eval"]["max_examples"] = eval_examples
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "ci@example.com"],
+                ["git", "config", "user.name", "CI"], ["git", "add", "-A"],
+                ["git", "commit", "-qm", "scratch copy"]):
+        sh(*cmd, cwd=dest)
+    return dest
+
+
+def ran_stages(output: str) -> set[str]:
+    """Stage names that ``dvc repro`` / ``dvc exp run`` output says it ran."""
+    import re
+
+    return set(re.findall(r"Running stage '([^']+)'", output))
