@@ -1,0 +1,54 @@
+"""The params contract: defaults, overrides, and mistakes named by fusion."""
+
+import pytest
+import yaml
+
+from conftest import ROOT
+from pipeline.errors import FusionError
+from pipeline.params import resolve
+
+
+def base(**over):
+    raw = {"base_model": "m", "adapters": {"a": {"path": "x"}, "b": {"path": "y"}, "c": {"path": "z"}},
+           "method": "linear", "weights": [0.5, 0.5], "density": 0.5,
+           "fusions": {"avg": {"adapters": ["a", "b"]}}}
+    raw.update(over)
+    return raw
+
+
+def test_shipped_params_resolve():
+    p = resolve(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    assert p.fusions["average"].spec.weights == [0.5, 0.5]
+    assert "weights" in p.fusions["average"].inherited
+    assert p.fusions["up70"].spec.weights == [0.7, 0.3] and "weights" not in p.fusions["up70"].inherited
+    assert p.fusions["ties"].spec.method == "ties" and p.fusions["ties"].spec.density == 0.5
+
+
+def test_fusion_overrides_defaults_and_keeps_rules():
+    p = resolve(base(fusions={"f": {"adapters": ["a", "b"], "method": "ties", "density": 0.3,
+                                    "rules": [{"match": "mlp", "density": 0.9}]}}))
+    spec = p.fusions["f"].spec
+    assert (spec.method, spec.density, spec.weights) == ("ties", 0.3, [0.5, 0.5])
+    assert spec.rules == [{"match": "mlp", "density": 0.9}]
+
+
+@pytest.mark.parametrize("fusion,message", [
+    ({"adapters": ["a", "q"]}, "fusion 'f': unknown adapter 'q'"),
+    ({"adapters": ["a", "b"], "method": "avg"}, "fusion 'f': unknown method 'avg'"),
+    ({"adapters": ["a", "b", "c"]}, "fusion 'f': fuses 3 adapters but the default weights have 2"),
+    ({"adapters": ["a", "b"], "weights": [1, 2, 3]}, "3 weights for 2 adapters"),
+    ({"adapters": ["a", "b"], "method": "ties", "density": 2}, "density"),
+    ({"adapters": ["a", "b"], "wieghts": [1, 1]}, "unknown setting(s) wieghts"),
+    ({"adapters": "a"}, "needs 'adapters: [NAME, ...]'"),
+])
+def test_mistakes_name_the_fusion(fusion, message):
+    with pytest.raises(FusionError) as e:
+        resolve(base(fusions={"f": fusion}))
+    assert message in str(e.value)
+
+
+def test_missing_sections():
+    with pytest.raises(FusionError, match="base_model"):
+        resolve(base(base_model=None))
+    with pytest.raises(FusionError, match="no fusions"):
+        resolve(base(fusions={}))
