@@ -235,5 +235,162 @@ def convert(
     out.print(f"wrote {out_dir} ({result.layout} layout, {len(result.modules)} modules)", highlight=False)
 
 
+# --- the regression gate and the weight search -------------------------------------------------
+
+def _git_show(rev: str, path: Path) -> str:
+    """The text of ``path`` (relative to the current directory) at git revision ``rev``."""
+    import subprocess
+
+    known = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"],
+                           capture_output=True, text=True)
+    if known.returncode != 0:
+        raise FusionError(f"baseline {rev}: not a git revision here (fetch it first, e.g. git fetch origin main)")
+    if path.is_absolute():
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True).stdout.strip()
+        spec = f"{rev}:{path.resolve().relative_to(Path(top).resolve()).as_posix()}"
+    else:
+        spec = f"{rev}:./{path.as_posix()}"  # relative to the current directory
+    shown = subprocess.run(["git", "show", spec], capture_output=True, text=True)
+    if shown.returncode != 0:
+        raise FusionError(f"baseline {rev}: has no {path} (commit the metrics of a pipeline run there; "
+                          "without a baseline the check fails rather than pass silently)")
+    return shown.stdout
+
+
+def _metrics_json(text: str, where: str) -> dict:
+    import json
+
+    from pipeline.check import fusion_metrics
+
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise FusionError(f"{where}: not valid JSON ({e.msg})") from None
+    fusion_metrics(data, where)
+    return data
+
+
+def _stale_stages() -> list[str]:
+    """The stages ``dvc status`` lists as changed (empty when the pipeline is up to date)."""
+    import json
+    import subprocess
+
+    exe = Path(sys.executable).parent / "dvc"
+    r = subprocess.run([str(exe) if exe.exists() else "dvc", "status", "--json"], capture_output=True, text=True)
+    lines = [line for line in r.stdout.splitlines() if line.startswith("{")]
+    if r.returncode != 0 or not lines:
+        why = (r.stderr.strip().splitlines() or ["no output"])[-1]
+        raise FusionError(f"dvc status failed: {why}")
+    return sorted(json.loads(lines[-1]))
+
+
+@app.command()
+def check(
+    baseline: str = typer.Option(..., "--baseline", "-b", show_default=False,
+                                 help="Git revision whose committed metrics are the baseline: origin/main, HEAD, a tag."),
+    metrics: Path = typer.Option(Path("reports/metrics.json"), "--metrics", help="The workspace metrics file."),
+    params: Path = typer.Option(Path("params.yaml"), "--params", help="Tolerances and floors: its 'check:' section."),
+    summary: Optional[Path] = typer.Option(None, "--summary", help="Append a Markdown summary to this file "
+                                           "(for example $GITHUB_STEP_SUMMARY)."),
+    status: bool = typer.Option(True, "--status/--no-status", help="Require `dvc status` to be clean."),
+):
+    """Fail when any fusion's scores or retention dropped against BASELINE beyond the tolerances.
+
+    Exit 0 when every fusion is within the tolerances and above the floors of params.yaml's
+    'check:' section; 1 with one 'regression:' line per figure that got worse; 2 when the check
+    cannot be made: stale pipeline (`dvc status` not clean), baseline without metrics, bad tolerances.
+    """
+    from pipeline.check import compare, to_markdown, tolerances
+    from pipeline.params import load_params
+
+    try:
+        default, per_fusion = tolerances(load_params(params).get("check"), f"{params}: check")
+        problems = []
+        if status:
+            stale = _stale_stages()
+            if stale:
+                problems.append(f"pipeline is stale: dvc status lists {', '.join(stale)} "
+                                "(run dvc repro, then check)")
+        try:
+            before = _metrics_json(_git_show(baseline, metrics), f"baseline {baseline}:{metrics}")
+        except FusionError as e:
+            problems.append(str(e))
+        if not metrics.is_file():
+            problems.append(f"{metrics}: not found (run dvc repro first)")
+        if problems:
+            raise FusionError("\n".join(problems))
+        now = _metrics_json(metrics.read_text(), str(metrics))
+    except FusionError as e:
+        if summary is not None:
+            lines = "\n".join(f"- {line}" for line in str(e).splitlines())
+            with summary.open("a") as fh:
+                fh.write(f"## Fusion check against `{baseline}`: could not run\n\n{lines}\n")
+        raise
+    result = compare(now, before, default, per_fusion)
+
+    table = Table(title=f"fusion check against {baseline}")
+    for col in ("fusion", "mean retention", "worst retention", "status"):
+        table.add_column(col, justify="left" if col in ("fusion", "status") else "right")
+
+    def pair(b, c) -> str:
+        return f"{'-' if b is None else f'{b:.4f}'} -> {'-' if c is None else f'{c:.4f}'}"
+
+    for r in result.rows:
+        state = (f"[red]{r['regressions']} regression(s)[/]" if r["regressions"]
+                 else "[yellow]new[/]" if r["new"] else "[green]ok[/]")
+        table.add_row(r["fusion"], pair(r["baseline_mean_retention"], r["current_mean_retention"]),
+                      pair(r["baseline_worst_retention"], r["current_worst_retention"]), state)
+    out.print(table)
+    for note in result.notes:
+        out.print(f"note: {note}", highlight=False)
+    if summary is not None:
+        with summary.open("a") as fh:
+            fh.write(to_markdown(result, baseline))
+    if not result.ok:
+        for r in result.regressions:
+            err.print(f"[bold red]regression:[/] {r}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+    out.print(f"[green]ok[/]: {len(result.rows)} fusion(s) within the tolerances of {baseline}", highlight=False)
+
+
+@app.command()
+def search(
+    fusion: Optional[str] = typer.Option(None, "--fusion", "-f", help="The fusion to tune (default: search.fusion)."),
+    params: Path = typer.Option(Path("params.yaml"), "--params", help="The params file (its 'search:' section)."),
+    budget: Optional[int] = typer.Option(None, "--budget", help="Evaluations, the start included (default: search.budget)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the search (default: search.seed)."),
+    layer_groups: Optional[int] = typer.Option(None, "--layer-groups", help="Weights per adapter across the "
+                                               "layers (default: search.layer_groups)."),
+    out_dir: Path = typer.Option(Path("reports/search"), "--out", "-o", help="Where best.json, trace.json, "
+                                 "trace.png go."),
+):
+    """Search one fusion's weights for the best retention on the validation sets (CMA-ES).
+
+    Each evaluation fuses with candidate weights into a temporary directory and scores the sources'
+    valid.jsonl; the budget and seed are fixed, so a search is repeatable. Prints the
+    `dvc exp run -S` setting that uses the best weights. In a DVC project, prefer
+    `dvc exp run -S search.enabled=true` (the search stage writes the same files).
+    """
+    from pipeline.params import load_params, resolve
+    from pipeline.search import settings
+    from pipeline.stages.search import run_search, valid_split
+
+    raw = load_params(params)
+    overrides = {k: v for k, v in (("fusion", fusion), ("budget", budget), ("seed", seed),
+                                   ("layer_groups", layer_groups)) if v is not None}
+    s = settings({**(raw.get("search") or {}), **overrides}, f"{params}: search")
+    p = resolve(raw, str(params))
+    name = s["fusion"]
+    if name is None:
+        raise FusionError(f"which fusion? give --fusion NAME or search.fusion in {params}")
+    if name not in p.fusions:
+        raise FusionError(f"unknown fusion {name!r} (declared: {', '.join(p.fusions)})")
+    f = p.fusions[name]
+    adapters = [(a, str(p.adapters[a].path)) for a in f.adapters]
+    valid = {a: valid_split(p.adapters[a].data, a) for a in f.adapters}
+    run_search(name, p.base_model, adapters, f.spec, valid, p.eval, s, out_dir,
+               log=lambda line: out.print(line, highlight=False))
+
+
 if __name__ == "__main__":
     main()
