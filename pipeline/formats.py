@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import FusionError
-from pipeline.safetensors_io import SafetensorsFile, read_header, write_file
+from pipeline.safetensors_io import SafetensorsFile, read_header, sha256_file, write_file
 
 MLX_FILES = ("adapters.safetensors", "best_adapters.safetensors")
 PEFT_FILE = "adapter_model.safetensors"
@@ -112,9 +112,8 @@ class Adapter:
         return np.ascontiguousarray(a), np.ascontiguousarray(b), info.scale
 
     def check_finite(self) -> list[str]:
-        """Names of tensors holding NaN or Inf."""
-        f = self.open()
-        return [n for n in sorted(f.tensors) if not f.check_finite(n)]
+        """Names of tensors holding NaN or Inf (one sequential read of the weights file)."""
+        return self.open().nonfinite()
 
 
 def find_weights(path: Path) -> tuple[str, Path]:
@@ -232,14 +231,6 @@ def _read_peft(path: Path, weights: Path, config: dict, tensors: dict) -> Adapte
                    config.get("base_model_name_or_path"), extra)
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 # --- writers ---------------------------------------------------------------------------------
 
 def _json(obj) -> str:
@@ -249,9 +240,9 @@ def _json(obj) -> str:
 def mlx_tensors(modules: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
     """``{module: (A (r, in), B (out, r))}`` -> mlx-lm tensor names and layouts."""
     out = {}
-    for name, (a, b) in modules.items():
-        out[f"{name}.lora_a"] = np.ascontiguousarray(a.T)
-        out[f"{name}.lora_b"] = np.ascontiguousarray(b.T)
+    for name, (a, b) in modules.items():  # transposed views; the writer copies one at a time
+        out[f"{name}.lora_a"] = a.T
+        out[f"{name}.lora_b"] = b.T
     return out
 
 
@@ -266,10 +257,12 @@ def mlx_config(rank: int, scale: float, keys: list[str], num_layers: int, extra:
 
 
 def write_mlx(out: Path, modules: dict[str, tuple[np.ndarray, np.ndarray]], config: dict,
-              dtypes: dict[str, str] | None = None) -> None:
-    """Write an mlx-lm adapter into the (existing) directory ``out``."""
-    write_file(out / "adapters.safetensors", mlx_tensors(modules), {"format": "mlx"}, dtypes)
+              dtypes: dict[str, str] | None = None) -> str:
+    """Write an mlx-lm adapter into the (existing) directory ``out``; return the sha256 of its
+    ``adapters.safetensors``."""
+    digest = write_file(out / "adapters.safetensors", mlx_tensors(modules), {"format": "mlx"}, dtypes)
     (out / CONFIG_FILE).write_text(_json(config))
+    return digest
 
 
 def write_peft(out: Path, modules: dict[str, tuple[np.ndarray, np.ndarray]], config: dict,

@@ -9,6 +9,7 @@ timestamps.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ _DTYPES = {
     "BOOL": np.bool_,
 }
 _MAX_HEADER = 100 * 1024 * 1024
+_FLOATS = ("F64", "F32", "F16", "BF16")
+SCAN_CHUNK = 1 << 22  # bytes per read of the NaN/Inf scan
 
 
 @dataclass(frozen=True)
@@ -97,13 +100,55 @@ class SafetensorsFile:
         return np.array(arr, dtype=dtype)
 
     def check_finite(self, name: str) -> bool:
+        """Whether tensor ``name`` holds no NaN or Inf."""
         info = self.tensors[name]
-        arr = self.raw(name)
-        if info.dtype == "BF16":  # exponent all ones = Inf/NaN
-            return not bool(np.any((arr & 0x7F80) == 0x7F80))
-        if arr.dtype.kind != "f":
-            return True
-        return bool(np.isfinite(arr).all())
+        return _finite(self.raw(name), info.dtype)
+
+    def nonfinite(self, chunk: int = SCAN_CHUNK) -> list[str]:
+        """Names (sorted) of the tensors holding NaN or Inf, in one sequential pass over the data.
+
+        The bytes are read with plain large reads in file order rather than through the memory
+        map: on a cold cache, page faults on a mapping read a fraction as fast as sequential reads
+        (measured 26 MB/s against 94 MB/s on this project's machine). Each float tensor is checked
+        with a max and a min (NaN propagates through both, Inf shows in one of them)."""
+        bad = []
+        buf = np.empty(chunk, np.uint8)
+        try:
+            with open(self.path, "rb", buffering=0) as f:
+                for info in sorted(self.tensors.values(), key=lambda t: t.start):
+                    if info.dtype not in _FLOATS:
+                        continue
+                    f.seek(info.start)
+                    step = chunk - chunk % np.dtype(_DTYPES[info.dtype]).itemsize
+                    for pos in range(info.start, info.end, step):
+                        n = min(step, info.end - pos)
+                        view = buf[:n]
+                        if f.readinto(memoryview(view)) != n:
+                            raise FusionError(f"{self.path}: truncated while reading tensor {info.name!r}")
+                        if not _finite(view.view(_DTYPES[info.dtype]), info.dtype):
+                            bad.append(info.name)
+                            break
+        except OSError as e:
+            raise FusionError(f"{self.path}: cannot read ({e.strerror})") from None
+        return sorted(bad)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+
+def _finite(arr: np.ndarray, dtype: str) -> bool:
+    """No NaN or Inf in ``arr`` (a tensor as stored; bfloat16 as uint16 bits)."""
+    if arr.size == 0 or dtype not in _FLOATS:
+        return True
+    if dtype == "BF16":  # exponent all ones = Inf/NaN
+        return int(np.max(np.bitwise_and(arr, 0x7FFF))) < 0x7F80
+    return bool(np.isfinite(arr.max()) and np.isfinite(arr.min()))
 
 
 def to_bf16_bits(x: np.ndarray) -> np.ndarray:
@@ -114,31 +159,47 @@ def to_bf16_bits(x: np.ndarray) -> np.ndarray:
 
 
 def write_file(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None,
-               dtypes: dict[str, str] | None = None) -> None:
-    """Write ``tensors`` (numpy arrays) to ``path``. ``dtypes`` may ask for "BF16"/"F16" per name."""
+               dtypes: dict[str, str] | None = None) -> str:
+    """Write ``tensors`` (numpy arrays) to ``path``; return the sha256 of the bytes written.
+    ``dtypes`` may ask for "BF16"/"F16" per name.
+
+    The header is computed from shapes and dtypes first, then each tensor is converted and written
+    in turn, so at most one converted tensor exists besides the inputs (arrays may be views, e.g.
+    transposes: each is made contiguous only while it is written)."""
     names = sorted(tensors)
     dtypes = dtypes or {}
     header: dict = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in sorted(metadata.items())}
-    blobs, offset = [], 0
     rev = {v: k for k, v in _DTYPES.items() if k != "BF16"}
+    offset = 0
     for name in names:
         arr = tensors[name]
         want = dtypes.get(name)
         if want == "BF16":
-            data, code = to_bf16_bits(arr), "BF16"
+            code, itemsize = "BF16", 2
         else:
-            data = np.ascontiguousarray(arr, dtype=_DTYPES[want] if want else None)
-            code = rev[data.dtype.type]
-        b = data.tobytes()
-        header[name] = {"dtype": code, "shape": list(arr.shape), "data_offsets": [offset, offset + len(b)]}
-        blobs.append(b)
-        offset += len(b)
+            dt = np.dtype(_DTYPES[want]) if want else np.asarray(arr).dtype
+            code, itemsize = rev[dt.type], dt.itemsize
+        nbytes = int(np.prod(np.shape(arr), dtype=np.int64)) * itemsize
+        header[name] = {"dtype": code, "shape": list(np.shape(arr)), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
+    h = hashlib.sha256()
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for b in blobs:
-            f.write(b)
+        for part in (struct.pack("<Q", len(raw)), raw):
+            f.write(part)
+            h.update(part)
+        for name in names:
+            arr = tensors[name]
+            want = dtypes.get(name)
+            if want == "BF16":
+                data = to_bf16_bits(arr)
+            else:
+                data = np.ascontiguousarray(arr, dtype=_DTYPES[want] if want else None)
+            if data.size:
+                view = memoryview(data.reshape(-1)).cast("B")
+                f.write(view)
+                h.update(view)
+    return h.hexdigest()

@@ -137,3 +137,43 @@ def test_nan_detection_streams_tensors(tmp_path):
 
 def test_shapes_helper_matches_tiny_model():
     assert module_shapes()["model.layers.0.mlp.down_proj"] == (64, 32)
+
+
+@pytest.mark.parametrize("dtype", ["F32", "F16", "BF16", "F64"])
+@pytest.mark.parametrize("where", ["none", "first", "last", "middle", "neg_inf"])
+def test_nonfinite_scan_reads_in_chunks(tmp_path, dtype, where):
+    """The sequential scan finds NaN/Inf wherever it is, across chunk boundaries (a 64-byte chunk
+    cuts every tensor into pieces), for every float dtype, and leaves integer tensors alone."""
+    rng = np.random.default_rng(0)
+    tensors = {f"t{i}": rng.normal(size=(7, 13)).astype(np.float32) for i in range(4)}
+    tensors["ints"] = np.arange(10, dtype=np.int32)
+    bad = {"first": ("t0", (0, 0), np.nan), "last": ("t3", (6, 12), np.inf),
+           "middle": ("t2", (3, 5), np.nan), "neg_inf": ("t1", (6, 0), -np.inf)}.get(where)
+    if bad:
+        tensors[bad[0]][bad[1]] = bad[2]
+    np_dtype = {"F32": None, "F16": "F16", "BF16": "BF16", "F64": "F64"}[dtype]
+    dtypes = {n: np_dtype for n in tensors if n != "ints"} if np_dtype else None
+    write_file(tmp_path / "x.safetensors", tensors, None, dtypes)
+    f = SafetensorsFile(tmp_path / "x.safetensors")
+    want = [bad[0]] if bad else []
+    for chunk in (64, 96, 1 << 22):
+        assert f.nonfinite(chunk) == want
+    assert [n for n in sorted(f.tensors) if not f.check_finite(n)] == want
+
+
+def test_writer_streams_views_and_returns_the_hash(tmp_path):
+    import hashlib
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(5, 9)).astype(np.float32)
+    y = rng.normal(size=(3, 4)).astype(np.float32)
+    d1 = write_file(tmp_path / "views.safetensors", {"x": x.T, "y": y[:, ::2], "e": np.zeros((0, 3), np.float32)},
+                    {"format": "mlx"}, {"y": "BF16"})
+    d2 = write_file(tmp_path / "copies.safetensors", {"x": x.T.copy(), "y": y[:, ::2].copy(),
+                                                      "e": np.zeros((0, 3), np.float32)}, {"format": "mlx"}, {"y": "BF16"})
+    raw = (tmp_path / "views.safetensors").read_bytes()
+    assert raw == (tmp_path / "copies.safetensors").read_bytes()
+    assert d1 == d2 == hashlib.sha256(raw).hexdigest()
+    f = SafetensorsFile(tmp_path / "views.safetensors")
+    np.testing.assert_array_equal(f.get("x"), x.T)
+    assert f.get("e").shape == (0, 3)

@@ -142,3 +142,44 @@ def test_refuses_dora_and_full(tmp_path):
         fuse([a, d], tmp_path / "out")
     with pytest.raises(FusionError, match="'full' fine-tune"):
         fuse([a, f], tmp_path / "out")
+
+
+@pytest.mark.parametrize("method", ["linear", "ties", "dare_ties"])
+def test_worker_threads_do_not_change_a_byte(tmp_path, pair, monkeypatch, method):
+    spec = FusionSpec(method=method, weights=[1, 1], density=0.5, seed=1)
+    outs = []
+    for threads in ("1", "3"):
+        monkeypatch.setenv("FUSION_THREADS", threads)
+        fuse(list(pair), tmp_path / threads, spec)
+        outs.append(tree_bytes(tmp_path / threads))
+    assert outs[0] == outs[1]
+
+
+def test_blas_threads_restores_the_count(monkeypatch):
+    import sys
+
+    fz = sys.modules["pipeline.fuse"]
+    libs = fz._openblas_libs()
+    before = [get() for _, get in libs]
+    with fz.blas_threads(1):
+        assert all(get() == 1 for _, get in libs)
+    assert [get() for _, get in libs] == before
+    monkeypatch.setenv("FUSION_THREADS", "0")
+    assert fz.worker_count() == 1
+    monkeypatch.setenv("FUSION_THREADS", "x")
+    with pytest.raises(FusionError, match="FUSION_THREADS"):
+        fz.worker_count()
+
+
+def test_versions_match_installed_metadata():
+    import sys
+    from importlib import metadata
+
+    fz = sys.modules["pipeline.fuse"]
+    want = {}
+    for pkg in fz.VERSIONED:
+        try:
+            want[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    assert fz._versions() == want

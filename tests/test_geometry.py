@@ -145,3 +145,24 @@ def test_module_geometry_and_summary_are_json_ready(sources):
     assert cd["cosine"] == {"mean": None, "min": None, "max": None, "modules": 0}
     allc = [m["sign_conflict_all"] for m in (m0, m1)]
     assert summary["sign_conflict_all"]["mean"] == pytest.approx(np.mean(allc))
+
+
+def test_default_row_sample_scales_with_width():
+    assert geometry.default_rows(2048) == 64 and geometry.default_rows(8192) == 16
+    assert geometry.default_rows(40) == geometry.MAX_ROWS and geometry.default_rows(10**6) == geometry.MIN_ROWS
+    shape = (600, 3000)
+    srcs = [make_source(3, 11, shape), make_source(5, 12, shape), make_source(2, 13, shape)]
+    rows = geometry.sample_rows(shape[0], NAME, geometry.default_rows(shape[1]))
+    pair, overall = geometry.sign_conflicts(srcs, shape, NAME)
+    ds = [dense(s, shape)[rows] for s in srcs]
+    assert pair[0][2] == pytest.approx(ref_conflict(ds[0], ds[2]))
+    assert overall == pytest.approx(ref_conflict_all([d[:, :200] for d in ds]), abs=0.05)
+    two, both = geometry.sign_conflicts(srcs[:2], shape, NAME)
+    assert both == pytest.approx(ref_conflict(ds[0], ds[1])) == two[0][1]
+
+
+def test_module_geometry_equals_its_parts(sources):
+    g = geometry.module_geometry(sources, SHAPE, NAME)
+    assert g["norms"] == pytest.approx([geometry.lowrank_norm(s) for s in sources], rel=1e-12)
+    assert g["cosine"] == geometry.cosine_matrix(sources)
+    assert (g["sign_conflict"], g["sign_conflict_all"]) == geometry.sign_conflicts(sources, SHAPE, NAME)

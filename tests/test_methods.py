@@ -598,3 +598,170 @@ def test_source_shape_mismatch_is_named():
     bad = make_source(4, 1, (32, 40))
     with pytest.raises(FusionError, match=r"q_proj: adapter 2 has factors A \(4, 40\)"):
         fuse_module([make_source(4, 2), bad], SHAPE, "linear", ModuleParams(weights=(1, 1)), NAME)
+
+
+# --- the fast paths, held to the slow references --------------------------------------------------
+
+import pipeline.methods as methods_mod  # noqa: E402
+from pipeline.methods import (dense_delta, magnitude_threshold, merge_dense,  # noqa: E402
+                              merge_task_vectors, refactor_dense, source_rng)
+
+COMBOS = [(None, None), ("magnitude", None), ("magnitude", "total"), ("magnitude", "frequency"),
+          ("random", None), ("random", "total"), ("random", "frequency"), (None, "total")]
+
+
+def _reference_merge(srcs, w, shape, sparsify, density, elect, seed=5):
+    rngs = [source_rng(seed, NAME, i) for i in range(len(srcs))]
+    return merge_task_vectors((dense_delta(s, shape) for s in srcs), w, sparsify=sparsify,
+                              density=density, elect=elect, rngs=rngs)
+
+
+def _fast_merge(srcs, w, shape, sparsify, density, elect, seed=5):
+    rngs = [source_rng(seed, NAME, i) for i in range(len(srcs))]
+    return merge_dense(srcs, w, shape, sparsify=sparsify, density=density, elect=elect, rngs=rngs)
+
+
+@pytest.mark.parametrize("sparsify,elect", COMBOS)
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+@pytest.mark.parametrize("shape,density", [((32, 48), 0.3), ((300, 700), 0.55), ((97, 1500), 1.0)])
+def test_blocked_merge_equals_the_dense_reference_entry_for_entry(monkeypatch, sparsify, elect, n, shape, density):
+    """merge_dense (row blocks, in-place ops, sign flips by bit, selected threshold) gives the same
+    float32 numbers as merge_task_vectors on the whole dense deltas; small blocks force many of them,
+    and the bracketed threshold selection runs on every module."""
+    monkeypatch.setattr(methods_mod, "BLOCK", 1000)
+    monkeypatch.setattr(methods_mod, "GEMM_BLOCK", 300)
+    monkeypatch.setattr(methods_mod, "EXACT_SELECT", 0)
+    srcs = [make_source(3 + 2 * i, 40 + i, shape) for i in range(n)]
+    w = (1.0, -0.7, 0.5, 2.0)[:n]
+    ref = _reference_merge(srcs, w, shape, sparsify, density, elect)
+    got, norm2 = _fast_merge(srcs, w, shape, sparsify, density, elect)
+    assert got.dtype == np.float32 and got.shape == shape
+    np.testing.assert_array_equal(got, ref)
+    assert norm2 == pytest.approx(float(np.sum(ref.astype(np.float64) ** 2)), rel=1e-5)
+
+
+def test_blocked_merge_with_ties_at_the_threshold_and_zero_votes():
+    """Repeated magnitudes (ties at the k-th largest), cancelling sources (zero votes elect +),
+    negative and zero weights."""
+    a = np.tile(np.array([[1.0, -1.0, 2.0, 0.5]], np.float32), (2, 10))
+    b = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], np.float32)
+    s1, s2 = (a, b), (a, -b)
+    shape = (3, 40)
+    for w in [(1.0, 1.0), (1.0, -1.0), (0.0, 2.0), (-1.0, -1.0)]:
+        for sparsify, elect in COMBOS:
+            for density in (0.2, 0.5, 0.9):
+                ref = _reference_merge([s1, s2], w, shape, sparsify, density, elect)
+                got, _ = _fast_merge([s1, s2], w, shape, sparsify, density, elect)
+                np.testing.assert_array_equal(got, ref)
+
+
+@pytest.mark.parametrize("exact_below", [0, 10**9])
+@pytest.mark.parametrize("density", [0.01, 0.3, 0.5, 0.97, 1.0])
+def test_magnitude_threshold_is_the_kth_largest(exact_below, density):
+    s = make_source(16, 3, (400, 900))
+    mag = np.abs(dense_delta(s, (400, 900))).ravel()
+    thr = magnitude_threshold(s, (400, 900), density, exact_below=exact_below)
+    if density >= 1.0:
+        assert thr is None
+        return
+    k = max(1, int(math.floor(density * mag.size + 0.5)))
+    assert thr == np.sort(mag)[::-1][k - 1]
+    assert np.count_nonzero(mag >= thr) >= k
+
+
+def test_magnitude_threshold_falls_back_when_the_bracket_misses(monkeypatch):
+    """A bracket that cannot hold the k-th largest (forced here) hands over to the full partition."""
+    s = make_source(16, 4, (300, 800))
+    mag = np.abs(dense_delta(s, (300, 800))).ravel()
+    k = int(math.floor(0.4 * mag.size + 0.5))
+    calls = []
+    real = np.partition
+
+    def spy(x, kth, *a, **kw):
+        calls.append(x.size)
+        return real(x, kth, *a, **kw)
+
+    monkeypatch.setattr(methods_mod, "SELECT_SIGMAS", -20.0)   # an inverted, empty bracket
+    monkeypatch.setattr(methods_mod.np, "partition", spy)
+    thr = magnitude_threshold(s, (300, 800), 0.4, exact_below=0)
+    assert thr == np.sort(mag)[::-1][k - 1]
+    assert calls == [mag.size]                                 # only the full partition ran
+    calls.clear()
+    monkeypatch.setattr(methods_mod, "SELECT_SIGMAS", 6.0)
+    assert magnitude_threshold(s, (300, 800), 0.4, exact_below=0) == thr
+    assert len(calls) == 1 and calls[0] < mag.size / 10        # the bracket held: a few candidates
+
+
+def test_dare_stream_drawn_in_row_blocks_is_the_whole_matrix_stream():
+    g1, g2 = source_rng(3, NAME, 1), source_rng(3, NAME, 1)
+    whole = g1.random((37, 53), dtype=np.float32)
+    parts = []
+    for rows in (1, 5, 13, 18):
+        buf = np.empty((rows, 53), np.float32)
+        g2.random(dtype=np.float32, out=buf)
+        parts.append(buf)
+    np.testing.assert_array_equal(np.concatenate(parts), whole)
+
+
+def test_masking_error_is_near_optimal_with_four_sources():
+    """The re-factoring of a masked merge (sketch spanning the sources' whole rank, one power
+    iteration): within 1% of the best rank-16 error, the recorded error equal to the measured one."""
+    shape = (384, 1024)
+    srcs = [make_source(16, 60 + i, shape) for i in range(4)]
+    for method in ("magnitude_prune", "ties", "dare_linear"):
+        p = ModuleParams(weights=(1.0,) * 4, density=0.5, seed=2)
+        f = fuse_module(srcs, shape, method, p, NAME)
+        ref = ref_masking_delta(method, srcs, p, seed=2) if method != "ties" else \
+            ref_ties_vectorised([_prune_fast(dense(s, shape), 0.5) for s in srcs])
+        measured = np.linalg.norm(ref - product(f)) / np.linalg.norm(ref)
+        assert f.rank == 16
+        assert f.error == pytest.approx(measured, rel=1e-4)
+        assert optimal_error(ref, 16) * (1 - 1e-6) <= measured <= 1.01 * optimal_error(ref, 16)
+
+
+def test_refactor_dense_small_error_comes_from_the_residual():
+    """Below ERR_FORMULA the error is the measured residual, not a difference of norms."""
+    rng = np.random.default_rng(1)
+    m = (rng.standard_normal((200, 6)) @ rng.standard_normal((6, 300))
+         + 1e-3 * rng.standard_normal((200, 300))).astype(np.float32)
+    f = refactor_dense(m, 6, np.random.default_rng(0), signal_rank=6)
+    measured = np.linalg.norm(m - product(f)) / np.linalg.norm(m)
+    assert 0 < f.error < 0.01 and f.error == pytest.approx(measured, rel=1e-3)
+
+
+def test_exact_refactoring_paths_agree(monkeypatch, sources):
+    """R from the Gram matrix, R from Householder QR, and the explicit-Q reference give the same
+    factors (to float32 rounding); rank-deficient stacks take the explicit-Q path and stay exact."""
+    bc, ac = stack_factors(sources, (0.7, -1.3, 0.2), SHAPE)
+    ref = dense(sources[0]) * 0.7 - 1.3 * dense(sources[1])
+    results = []
+    for gram, cmax in [(100.0, 1e8), (0.0, 1e8), (0.0, 0.0)]:
+        monkeypatch.setattr(methods_mod, "COND_GRAM", gram)
+        monkeypatch.setattr(methods_mod, "COND_MAX", cmax)
+        for rank in (None, 5):
+            f = refactor_exact(bc, ac, rank)
+            results.append((rank, f))
+            if rank is None:
+                close(product(f), ref, 1e-6)
+    for rank in (None, 5):
+        fs = [f for r, f in results if r == rank]
+        for f in fs[1:]:
+            assert f.rank == fs[0].rank and f.error == pytest.approx(fs[0].error, rel=1e-9, abs=1e-12)
+            np.testing.assert_allclose(f.a, fs[0].a, atol=1e-6)
+            np.testing.assert_allclose(f.b, fs[0].b, atol=1e-6 * np.abs(fs[0].b).max())
+    monkeypatch.undo()
+    s = make_source(6, 9)
+    bc, ac = stack_factors([s, s], (0.5, 0.5), SHAPE)              # rank 6 of 12: deficient
+    assert methods_mod._triangular(bc) is None
+    f = refactor_exact(bc, ac)
+    assert f.rank == 6
+    close(product(f), dense(s), 1e-6)
+
+
+def test_fused_module_does_not_alias_the_workspace(sources):
+    p = ModuleParams(weights=(1.0, 1.0, 1.0), density=0.5)
+    f1 = fuse_module(sources, SHAPE, "ties", p, NAME)
+    a1, b1 = f1.a.copy(), f1.b.copy()
+    fuse_module([make_source(8, 70), make_source(8, 71), None], SHAPE, "dare_ties", p, NAME)
+    np.testing.assert_array_equal(f1.a, a1)
+    np.testing.assert_array_equal(f1.b, b1)
