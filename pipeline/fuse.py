@@ -188,6 +188,15 @@ def _versions() -> dict[str, str]:
 # here, the exact methods on 1B-sized adapters took 15.6 s with two OpenBLAS threads while another
 # job ran, and 3.0 s with one. Each module's numbers do not depend on the thread count.
 
+def blas_thread_count() -> int:
+    """OpenBLAS threads inside a fuse: 1, or ``FUSION_BLAS_THREADS`` (for measuring the difference)."""
+    env = os.environ.get("FUSION_BLAS_THREADS", "").strip()
+    try:
+        return max(1, int(env)) if env else 1
+    except ValueError:
+        raise FusionError(f"FUSION_BLAS_THREADS must be a positive integer, got {env!r}") from None
+
+
 def worker_count() -> int:
     """Worker threads: ``FUSION_THREADS`` if set, else the cores this process may run on."""
     env = os.environ.get("FUSION_THREADS", "").strip()
@@ -287,7 +296,7 @@ def fuse(adapters: list[str | Path], out: str | Path, spec: FusionSpec | None = 
     fused: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     per_module: dict[str, dict] = {}
     hashes = {}
-    with blas_threads(1), ThreadPoolExecutor(worker_count(), thread_name_prefix="fuse") as pool:
+    with blas_threads(blas_thread_count()), ThreadPoolExecutor(worker_count(), thread_name_prefix="fuse") as pool:
         try:
             hashes = {a.weights_file: pool.submit(sha256_file, a.weights_file) for a in srcs}
             for i, (name, fut) in enumerate(zip(all_modules, [pool.submit(one, n) for n in all_modules])):
