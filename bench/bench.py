@@ -79,19 +79,29 @@ class Row:
         return max(self.rss) / 1024
 
 
+# A child's ru_maxrss starts from the RSS of the process that spawned it (Linux folds the spawning
+# address space's high-water mark in at exec), so every command runs under this small wrapper,
+# started fresh: the figure is then the command's own peak (plus at most the wrapper's ~10 MB).
+WRAPPER = r"""
+import json, resource, subprocess, sys, time
+t = time.perf_counter()
+p = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+wall = time.perf_counter() - t
+u = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(json.dumps({"rc": p.returncode, "wall": wall, "maxrss": u.ru_maxrss, "cpu": u.ru_utime + u.ru_stime,
+                  "err": p.stderr.decode(errors="replace")[-3000:]}))
+"""
+
+
 def run_measured(cmd: list[str], env: dict | None = None, cwd: Path | None = None) -> tuple[float, int, float]:
-    """Run ``cmd`` as a child; return (wall seconds, peak RSS in KiB, CPU seconds) of that child."""
-    t = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=cwd)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    out, err = proc.stdout.read(), proc.stderr.read()
-    proc.stdout.close()
-    proc.stderr.close()
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err.decode()[-2000:]}{out.decode()[-500:]}")
-    return wall, usage.ru_maxrss, usage.ru_utime + usage.ru_stime
+    """Run ``cmd`` as a child of a fresh wrapper; return (wall seconds, peak RSS in KiB, CPU seconds)."""
+    res = subprocess.run([PY, "-S", "-c", WRAPPER, *cmd], capture_output=True, text=True, env=env, cwd=cwd)
+    if res.returncode != 0:
+        raise RuntimeError(f"wrapper failed: {res.stderr[-2000:]}")
+    r = json.loads(res.stdout.strip().splitlines()[-1])
+    if r["rc"] != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({r['rc']}):\n{r['err']}")
+    return r["wall"], r["maxrss"], r["cpu"]
 
 
 def measure(row: Row, cmd: list[str], runs: int, env: dict | None = None, cwd: Path | None = None) -> Row:
