@@ -290,6 +290,7 @@ def main() -> None:
     ap.add_argument("--demo", type=Path, help="a built demo for the evaluation speed (default: params.yaml's, "
                     "else built into bench/.cache/demo)")
     ap.add_argument("--no-threads", action="store_true", help="skip the thread-count comparison")
+    ap.add_argument("--no-profile", action="store_true", help="skip the profiles of where the time goes")
     ap.add_argument("--baseline", metavar="REV", help="also time the code of git revision REV (1B pair: "
                     "linear, ties, factor-space linear; one run each), e.g. the commit before a change")
     ap.add_argument("--cache", type=Path, default=HERE / ".cache")
@@ -301,6 +302,7 @@ def main() -> None:
         args.spaces = "delta,factors"
         args.no_eval = True
         args.no_threads = True
+        args.no_profile = True
     methods = [m for m in args.methods.split(",") if m]
     spaces = [s for s in args.spaces.split(",") if s]
     sizes = [s for s in args.sizes.split(",") if s]
@@ -364,6 +366,7 @@ def main() -> None:
         rows += threads
         if args.baseline:
             rows += baseline_rows(args, env, work)
+        prof = None if args.no_profile else profiles(args, env)
         if not args.no_eval:
             print("\nevaluation speed on the demo", flush=True)
         ev = None if args.no_eval else eval_speed(args.demo)
@@ -371,7 +374,7 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     elapsed = time.time() - started
     load1 = os.getloadavg()
-    report(args, info, rows, floors, checks, ev, elapsed, load0, load1)
+    report(args, info, rows, floors, checks, ev, elapsed, load0, load1, prof)
 
 
 def _threads_note() -> str:
@@ -379,7 +382,27 @@ def _threads_note() -> str:
             "`FUSION_THREADS` overrides) with OpenBLAS held to one thread inside the fuse.")
 
 
-def report(args, info, rows, floors, checks, ev, elapsed, load0, load1) -> None:
+PROFILES = (("linear", "delta", 12), ("linear", "factors", 8), ("ties", "delta", 12))
+
+
+def profiles(args, env: dict) -> dict:
+    """Where the time goes on the 1B pair: the import of the command line (median of 5, wall and
+    CPU), and bench/profile_fuse.py (the fuse loop on one thread under cProfile, CPU seconds)."""
+    print("\nprofiles (1b pair)", flush=True)
+    imp = measure(Row("1b", 2, "import pipeline.cli"), [PY, "-c", "import pipeline.cli"], 5, env)
+    out = {"import_wall": imp.wall, "import_cpu": statistics.median(imp.cpu), "runs": []}
+    print(f"  import pipeline.cli {imp.wall:.2f} s wall, {statistics.median(imp.cpu):.2f} s CPU", flush=True)
+    for method, space, top in PROFILES:
+        res = subprocess.run([PY, str(HERE / "profile_fuse.py"), "--size", "1b", "--method", method, "--space", space,
+                              "--density", str(DENSITY), "--rank", str(RANK), "--top", str(top), "--cache", str(args.cache)],
+                             capture_output=True, text=True, env=env, cwd=ROOT)
+        text = "\n".join(line for line in res.stdout.splitlines() if line.strip())
+        out["runs"].append((method, space, text if res.returncode == 0 else res.stderr[-1500:]))
+        print("  " + (text.splitlines() or ["?"])[0], flush=True)
+    return out
+
+
+def report(args, info, rows, floors, checks, ev, elapsed, load0, load1, prof=None) -> None:
     cmd = "python bench/bench.py " + " ".join(a for a in sys.argv[1:])
     lines = ["# Fusion benchmark results", "",
              f"Command: `{cmd.strip()}` (from the repository root, with the project's venv python).", "",
@@ -430,6 +453,15 @@ def report(args, info, rows, floors, checks, ev, elapsed, load0, load1) -> None:
                          f"task {ev['task']}, batch size {ev['batch_size']}, {ev['max_tokens']} new tokens at most: "
                          f"batched loss **{ev['loss_per_s']:.0f} examples/s**, cached-KV greedy generation "
                          f"**{ev['generate_per_s']:.1f} examples/s** ({ev['tokens_per_s']:.0f} tokens/s).")
+    if prof:
+        lines += ["", "## Where the time goes (1B pair)", "",
+                  f"Importing the command line (`python -c 'import pipeline.cli'`: typer, rich, numpy, the package) "
+                  f"takes {prof['import_wall']:.2f} s wall, {prof['import_cpu']:.2f} s CPU (median of 5), against an "
+                  f"I/O floor of {floors.get(('1b', 2), float('nan')):.2f} s for the whole of reading and writing; "
+                  f"`fusion validate` (that import, the headers and the NaN/Inf scan) is in the table above. "
+                  f"The fuse loop of each method on one thread under cProfile (`bench/profile_fuse.py`, CPU seconds):"]
+        for method, space, text in prof["runs"]:
+            lines += ["", f"{method}, {space} space:", "", "```", text, "```"]
     lines += ["", *targets(main_rows, floors, checks)]
     text = "\n".join(lines) + "\n"
     print("\n" + text)

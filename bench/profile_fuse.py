@@ -64,7 +64,7 @@ def main() -> None:
         prof.runcall(run, paths, spec)
     total, cpu = time.perf_counter() - t, time.process_time() - c
     out = io.StringIO()
-    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(args.top)
+    pstats.Stats(prof, stream=out).strip_dirs().sort_stats("tottime").print_stats(args.top)
     print(f"{args.method} ({args.space}) on {args.count} x {args.size}, one thread: "
           f"{cpu:.2f} s CPU, {total:.2f} s wall (profile times are CPU seconds)")
     print(out.getvalue())

@@ -185,8 +185,12 @@ def _versions() -> dict[str, str]:
 # wise loops), one module per thread, with OpenBLAS itself held to one thread for the duration.
 # The work per module is many small products (rank-r factors, skinny QRs, row blocks) for which
 # OpenBLAS's own threads cost more than they bring, and on a busy machine they spin-wait: measured
-# here, the exact methods on 1B-sized adapters took 15.6 s with two OpenBLAS threads while another
-# job ran, and 3.0 s with one. Each module's numbers do not depend on the thread count.
+# on 2 cores shared with other jobs, with the code before this threading, the exact methods on
+# 1B-sized adapters took 15.6 s with two OpenBLAS threads and 3.0 s with one; with the current
+# code, TIES on the 1B pair took 204 s against 20 s (bench/README.md: the thread comparison; how
+# bad two threads get depends on the other jobs). Each module's numbers do not depend on the
+# thread count. Masking methods hold one dense module per worker, so the pool is no larger than
+# half the available memory allows.
 
 def blas_thread_count() -> int:
     """OpenBLAS threads inside a fuse: 1, or ``FUSION_BLAS_THREADS`` (for measuring the difference)."""
@@ -197,8 +201,10 @@ def blas_thread_count() -> int:
         raise FusionError(f"FUSION_BLAS_THREADS must be a positive integer, got {env!r}") from None
 
 
-def worker_count() -> int:
-    """Worker threads: ``FUSION_THREADS`` if set, else the cores this process may run on."""
+def worker_count(dense_bytes: int = 0) -> int:
+    """Worker threads: ``FUSION_THREADS`` if set, else the cores this process may run on, but no
+    more than half the available memory can hold when each worker needs ``dense_bytes`` (about
+    two dense modules: the merge and its scratch)."""
     env = os.environ.get("FUSION_THREADS", "").strip()
     if env:
         try:
@@ -206,9 +212,16 @@ def worker_count() -> int:
         except ValueError:
             raise FusionError(f"FUSION_THREADS must be a positive integer, got {env!r}") from None
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        n = max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
+        n = max(1, os.cpu_count() or 1)
+    if dense_bytes:
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            n = min(n, max(1, int(avail // 2 // dense_bytes)))
+        except (AttributeError, ValueError, OSError):
+            pass
+    return n
 
 
 _SETTERS = (("scipy_openblas_set_num_threads64_", "scipy_openblas_get_num_threads64_"),
@@ -296,7 +309,11 @@ def fuse(adapters: list[str | Path], out: str | Path, spec: FusionSpec | None = 
     fused: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     per_module: dict[str, dict] = {}
     hashes = {}
-    with blas_threads(blas_thread_count()), ThreadPoolExecutor(worker_count(), thread_name_prefix="fuse") as pool:
+    dense = 0
+    if spec.space == "delta" and not METHODS[spec.method].exact:
+        dense = 2 * 4 * max(m.out_features * m.in_features for m in info_of.values())
+    workers = worker_count(dense)
+    with blas_threads(blas_thread_count()), ThreadPoolExecutor(workers, thread_name_prefix="fuse") as pool:
         try:
             hashes = {a.weights_file: pool.submit(sha256_file, a.weights_file) for a in srcs}
             for i, (name, fut) in enumerate(zip(all_modules, [pool.submit(one, n) for n in all_modules])):
