@@ -11,7 +11,7 @@ re-factoring error recorded in ``fusion.json`` against the optimal rank-16 error
 SVD of the dense merge (computed here with the slow reference path). It prints the table and
 writes it to bench/results.md.
 
-    python bench/bench.py                 # the full run (about 20-30 minutes on 2 cores)
+    python bench/bench.py                 # the full run (about 15-30 minutes on 2 cores)
     python bench/bench.py --quick         # 1B pair, one run, a few methods (a minute or two)
     python bench/bench.py --sizes 1b --runs 5 --methods linear,ties
 """
