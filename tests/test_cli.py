@@ -163,9 +163,9 @@ def test_killed_fuse_leaves_no_partial_output(tmp_path):
         time.sleep(delay)
         p.send_signal(signal.SIGKILL if i % 2 else signal.SIGTERM)
         p.wait(timeout=60)
-        if out.exists():  # it finished before the signal: then it must be complete
-            assert p.returncode == 0
+        if out.exists():  # it renamed its output into place before the signal: then it is complete
             assert {f.name for f in out.iterdir()} == {"adapters.safetensors", "adapter_config.json", "fusion.json"}
+            assert len(SafetensorsFile(out / "adapters.safetensors").tensors) == 2 * len(big)
         leftovers = [f for f in tmp_path.iterdir() if f.name.startswith(f".out{i}.tmp") and i % 2 == 0]
         assert leftovers == []  # SIGTERM cleans up its temporary directory
     assert (tree_bytes(a), tree_bytes(b)) == before
