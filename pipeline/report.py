@@ -43,7 +43,8 @@ of its own name.
 
 Files written under ``out_dir`` (paths relative to it, see ``REPORT_FILES``): ``metrics.json``,
 ``plots/accuracy.json``, ``plots/loss.json``, ``plots/retention.json``, ``figures/scores.png``,
-``figures/retention.png``, ``figures/geometry.png`` (when any fusion has module geometry),
+``plots/weights.json``, ``figures/retention.png``, ``figures/geometry.png`` (when any fusion has
+module geometry), ``figures/weights.png`` (when any fusion gives its adapters weights),
 ``report.md`` and ``report.html``. ``dvc_plots`` gives the ``plots:`` entries for ``dvc.yaml``.
 Same inputs give byte-identical files: no timestamps, PNGs without metadata, JSON in input order.
 """
@@ -67,9 +68,11 @@ REPORT_FILES = {
     "accuracy_plot": "plots/accuracy.json",
     "loss_plot": "plots/loss.json",
     "retention_plot": "plots/retention.json",
+    "weights_plot": "plots/weights.json",
     "scores_figure": "figures/scores.png",
     "retention_figure": "figures/retention.png",
     "geometry_figure": "figures/geometry.png",
+    "weights_figure": "figures/weights.png",
     "markdown": "report.md",
     "html": "report.html",
 }
@@ -98,6 +101,8 @@ def write_report(out_dir: str | Path, params: dict, baselines: dict, evals: dict
     figures = {"scores_figure": scores_figure(data), "retention_figure": retention_figure(data)}
     if any(f["modules"] for f in data["fusions"].values()):
         figures["geometry_figure"] = geometry_figure(data)
+    if weight_rows(data):
+        figures["weights_figure"] = weights_figure(data)
     for role, png in figures.items():
         put(role, png)
     blocks = report_blocks(data, {role: REPORT_FILES[role] for role in figures}, title)
@@ -124,6 +129,10 @@ def dvc_plots(reports_dir: str = "reports") -> list[dict]:
             "template": "bar_horizontal", "x": "retention", "y": "label",
             "title": "Retention of each source adapter's score (1 = as good as the adapter alone)",
             "x_label": "retention", "y_label": "fusion | task"}},
+        {f"{d}/{REPORT_FILES['weights_plot']}": {
+            "template": "scatter", "x": "weight", "y": "retention",
+            "title": "Retention on a task against the weight of its adapter (a sweep - dvc plots diff)",
+            "x_label": "weight of the task's adapter", "y_label": "retention"}},
     ]
 
 
@@ -263,7 +272,38 @@ def plot_rows(data: dict) -> dict[str, list[dict]]:
         "accuracy_plot": [{k: r[k] for k in ("label", "task", "model", "kind", "accuracy")} for r in scores],
         "loss_plot": [{k: r[k] for k in ("label", "task", "model", "kind", "loss")} for r in scores],
         "retention_plot": ret,
+        "weights_plot": weight_rows(data),
     }
+
+
+def _weight_of(weights, k: int) -> float | None:
+    """Adapter ``k``'s weight in a fusion's resolved ``weights`` (the mean of a per-layer list)."""
+    if not isinstance(weights, list) or k >= len(weights):
+        return None
+    w = weights[k]
+    if isinstance(w, list):
+        w = sum(w) / len(w) if w and all(isinstance(x, (int, float)) for x in w) else None
+    return float(w) if isinstance(w, (int, float)) else None
+
+
+def weight_rows(data: dict) -> list[dict]:
+    """Score against weight: one row per fusion and source task, ``weight`` being the weight of the
+    task's adapter in the fusion. Fusions of the same adapters at other weights, or the same
+    fusion across the runs of a ``dvc exp`` sweep (``dvc plots diff``), trace retention as a
+    function of weight. SLERP of two adapters (positioned by t, not weights) is left out."""
+    rows = []
+    for n, f in data["fusions"].items():
+        s = f["settings"]
+        if s.get("method") == "slerp" and len(f["adapters"]) == 2:
+            continue
+        for t, x in f["retention"]["tasks"].items():
+            k = f["adapters"].index(x["adapter"]) if x["adapter"] in f["adapters"] else len(f["adapters"])
+            w = _weight_of(s.get("weights"), k)
+            if w is not None and x["retention"] is not None:
+                rows.append({"label": f"{n} | {t}", "fusion": n, "task": t, "adapter": x["adapter"],
+                             "method": s.get("method"), "weight": w, "retention": x["retention"],
+                             "accuracy": x["accuracy"]})
+    return rows
 
 
 # ---------------------------------------------------------------------------- figures
@@ -353,6 +393,33 @@ def retention_figure(data: dict) -> bytes:
     ax.set_title("retention (fusion / source adapter, on the adapter's task)")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, fontsize=8, frameon=False)
     ax.grid(axis="x", alpha=0.3)
+    return _png(fig)
+
+
+def weights_figure(data: dict) -> bytes:
+    """Retention on each task against the weight of the task's adapter: colour = fusion,
+    marker = task."""
+    rows = weight_rows(data)
+    fusion_names = list(data["fusions"])
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    markers = "os^Dvx*P"
+    fig = _figure(7.5, 4.2)
+    ax = fig.subplots()
+    for r in rows:
+        ax.scatter(r["weight"], r["retention"], color=_colour(f"fusion {r['fusion']}", fusion_names),
+                   marker=markers[tasks.index(r["task"]) % len(markers)], s=40, alpha=0.85, zorder=3)
+    for n in dict.fromkeys(r["fusion"] for r in rows):  # legend: colours, then markers
+        ax.scatter([], [], color=_colour(f"fusion {n}", fusion_names), marker="o", label=n)
+    for i, task in enumerate(tasks):
+        ax.scatter([], [], color="#606060", marker=markers[i % len(markers)], label=f"task {task}")
+    ax.axhline(1.0, color="black", lw=1)
+    ax.set_xlabel("weight of the task's adapter in the fusion")
+    ax.set_ylabel("retention on the task")
+    ax.set_ylim(bottom=min([0.0] + [r["retention"] for r in rows]) - 0.05,
+                top=max([1.0] + [r["retention"] for r in rows]) + 0.05)
+    ax.set_title("retention against weight")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
+    ax.grid(alpha=0.3)
     return _png(fig)
 
 
@@ -496,6 +563,12 @@ def report_blocks(data: dict, figures: dict[str, str], title: str) -> list:
                              f"{_fmt(r['worst_retention'], 3)}. "] + _routing_sentence(name, r, tol)))
     blocks.append(("img", "Scores per task: base, source adapter and fusions", figures["scores_figure"]))
     blocks.append(("img", "Retention per fusion and task", figures["retention_figure"]))
+    if "weights_figure" in figures:
+        blocks.append(("p", ["Retention on each task against the weight its adapter has in the fusion "
+                             "(per-layer weights: their mean). Across a sweep of experiments, ",
+                             ("code", "dvc plots diff"), " overlays the runs on the same axes (",
+                             ("code", "reports/plots/weights.json"), ")."]))
+        blocks.append(("img", "Retention against weight", figures["weights_figure"]))
 
     # baselines
     blocks.append(("h", 2, "Baselines"))

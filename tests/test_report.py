@@ -101,9 +101,9 @@ def test_report_mentions_every_fusion_and_task(report):
         assert "is as good as routing" in text
         assert "a" * 64 in text and "1" * 64 in text  # input and output hashes
         assert "Best by mean retention" in text
-    for role in ("scores_figure", "retention_figure", "geometry_figure"):
+    for role in ("scores_figure", "retention_figure", "geometry_figure", "weights_figure"):
         assert f"]({REPORT_FILES[role]})" in md
-    assert page.count('src="data:image/png;base64,') == 3
+    assert page.count('src="data:image/png;base64,') == 4
     assert "http://" not in page and "https://" not in page  # self-contained
     # model output is shown literally, table syntax escaped
     assert "x\\x02y" in md and "\\|" in md
@@ -125,9 +125,33 @@ def test_dvc_plots_entries_match_the_data(report):
         assert path.startswith("reports/")
         rows = json.loads((out / path[len("reports/"):]).read_text())
         assert rows and all(props["x"] in r and props["y"] in r for r in rows)
-        assert props["template"] == "bar_horizontal"
+        assert props["template"] in ("bar_horizontal", "scatter")
     labels = {r["label"] for r in json.loads((out / REPORT_FILES["retention_plot"]).read_text())}
     assert labels == {"same | up", "same | inc", "ties_half | up", "ties_half | inc"}
+
+
+def test_dvc_yaml_declares_every_plot():
+    import yaml
+
+    declared = yaml.safe_load((Path(__file__).parent.parent / "dvc.yaml").read_text())["plots"]
+    for entry in dvc_plots("reports"):
+        assert entry in declared
+
+
+def test_retention_against_weight(report, tmp_path):
+    out, _ = report
+    rows = json.loads((out / REPORT_FILES["weights_plot"]).read_text())
+    got = {(r["fusion"], r["task"]): (r["weight"], r["retention"]) for r in rows}
+    assert got == {("same", "up"): (1.0, 1.0), ("same", "inc"): (1.0, 1.0),
+                   ("ties_half", "up"): (0.5, 0.5), ("ties_half", "inc"): (0.5, 1.0)}
+    # per-layer weights count by their mean; SLERP of two adapters has no weights to plot against
+    data = inputs()
+    data["params"]["same"]["weights"] = [[1.0, 0.5], [0.0, 0.5]]
+    data["params"]["ties_half"] = {"adapters": ["up_adapter", "inc_adapter"], "method": "slerp", "t": 0.5,
+                                   "weights": [0.5, 0.5]}
+    written = write_report(tmp_path, **data)
+    rows = json.loads(written["weights_plot"].read_text())
+    assert {(r["fusion"], r["task"]): r["weight"] for r in rows} == {("same", "up"): 0.75, ("same", "inc"): 0.25}
 
 
 def test_inconsistent_inputs(tmp_path):
