@@ -42,6 +42,7 @@ prompt to the model's answer: ``dict(zip(prompts, generate_samples(...)))``. The
 of its own name.
 
 Files written under ``out_dir`` (paths relative to it, see ``REPORT_FILES``): ``metrics.json``,
+``headline.json`` (mean and worst retention per fusion, for narrow tables),
 ``plots/accuracy.json``, ``plots/loss.json``, ``plots/retention.json``, ``figures/scores.png``,
 ``plots/weights.json``, ``figures/retention.png``, ``figures/geometry.png`` (when any fusion has
 module geometry), ``figures/weights.png`` (when any fusion gives its adapters weights),
@@ -65,6 +66,7 @@ from pipeline.evaluate import ROUTING_TOLERANCE, retention
 GENERATIONS = "generations"
 REPORT_FILES = {
     "metrics": "metrics.json",
+    "headline": "headline.json",
     "accuracy_plot": "plots/accuracy.json",
     "loss_plot": "plots/loss.json",
     "retention_plot": "plots/retention.json",
@@ -96,6 +98,7 @@ def write_report(out_dir: str | Path, params: dict, baselines: dict, evals: dict
         written[role] = _write(out / REPORT_FILES[role], content)
 
     put("metrics", _json(metrics(data)))
+    put("headline", _json(headline(data)))
     for role, rows in plot_rows(data).items():
         put(role, _json(rows))
     figures = {"scores_figure": scores_figure(data), "retention_figure": retention_figure(data)}
@@ -241,6 +244,13 @@ def metrics(data: dict) -> dict:
         "base": {t: scores(m) for t, m in data["base"].items()},
         "adapters": {a: {t: scores(m) for t, m in ev.items()} for a, ev in data["adapters"].items()},
     }
+
+
+def headline(data: dict) -> dict:
+    """``headline.json``: each fusion's mean and worst retention under short names, a second DVC
+    metrics file narrow enough for ``dvc metrics show`` and ``dvc exp show`` to read at a glance."""
+    return {name: _drop_none({"mean": f["retention"]["mean_retention"], "worst": f["retention"]["worst_retention"]})
+            for name, f in data["fusions"].items()}
 
 
 def _drop_none(d: dict) -> dict:

@@ -86,6 +86,8 @@ def test_metrics_shape_and_retention(report):
     assert half["worst_retention"] == 0.5 and half["worse_than_routing"] is True
     assert metrics["base"]["prose"] == {"loss": 2.5}
     assert set(metrics["adapters"]) == {"up_adapter", "inc_adapter"}
+    assert json.loads((out / "headline.json").read_text()) == {"same": {"mean": 1.0, "worst": 1.0},
+                                                               "ties_half": {"mean": 0.75, "worst": 0.5}}
 
 
 def test_report_mentions_every_fusion_and_task(report):
