@@ -415,6 +415,13 @@ def _peft_config(adapter: Adapter, rank: int, scale: float, uniform: bool) -> di
             if math.isclose(s, scale, rel_tol=1e-9):
                 return kept
     layers = sorted({m.layer for m in adapter.modules.values() if m.layer is not None})
+    targets = sorted({m.key.rsplit(".", 1)[-1] for m in adapter.modules.values()})
+    covered = {(m.layer, m.key.rsplit(".", 1)[-1]) for m in adapter.modules.values()}
+    if covered != {(i, t) for i in layers for t in targets}:
+        # Not every target in every layer (e.g. a fusion of adapters over different modules):
+        # PEFT would put a LoRA layer on each (layer, target) pair and miss the weights of the
+        # absent ones, so name the modules exactly (PEFT matches a full name as well as a suffix).
+        targets, layers = sorted(adapter.modules), []
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -424,7 +431,7 @@ def _peft_config(adapter: Adapter, rank: int, scale: float, uniform: bool) -> di
         "lora_dropout": 0.0,
         "use_rslora": False,
         "bias": "none",
-        "target_modules": sorted({m.key.rsplit(".", 1)[-1] for m in adapter.modules.values()}),
+        "target_modules": targets,
         "layers_to_transform": layers or None,
         "fan_in_fan_out": False,
         "inference_mode": True,

@@ -84,6 +84,19 @@ def test_mlx_to_peft_keeps_the_delta(tmp_path):
         np.testing.assert_allclose(s * B @ A, 3.0 * b @ a, rtol=1e-6, atol=1e-7)
 
 
+def test_peft_config_targets_exactly_the_modules_present(tmp_path):
+    """Every target in every layer: suffixes and layers. Otherwise: the module names themselves,
+    so that PEFT puts no LoRA layer on a module the file has no weights for."""
+    full, _ = make_mlx_adapter(tmp_path / "full", num_layers=2)
+    cfg = convert(full, tmp_path / "full_p", "peft").config
+    assert cfg["target_modules"] == ["down_proj", "q_proj", "v_proj"]
+    assert cfg["layers_to_transform"] == [0, 1]
+    shapes = {k: v for k, v in module_shapes().items() if "mlp" not in k or ".layers.1." in k}
+    partial, _ = make_mlx_adapter(tmp_path / "partial", shapes=shapes)
+    cfg = convert(partial, tmp_path / "partial_p", "peft").config
+    assert cfg["target_modules"] == sorted(shapes) and cfg["layers_to_transform"] is None
+
+
 def test_mlx_converted_from_peft_loads_in_mlx_lm(tmp_path, tiny_model):
     import mlx.core as mx
     from mlx_lm import load

@@ -187,3 +187,16 @@ def test_fused_adapter_converted_to_peft_loads_in_peft(tmp_path):
     want = {n: 0.7 * our_delta(A, n) + 0.3 * our_delta(B, n) for n in A.modules}
     check_loads_as(tmp_path / "p", want)
 
+
+def test_fused_adapter_with_different_module_sets_loads_in_peft(tmp_path):
+    """A fusion of adapters over different modules and layers: PEFT must target exactly those."""
+    model = tiny_llama()
+    a, _ = make_mlx_adapter(tmp_path / "a", shapes=shapes_of(model, KEYS[:2]), rank=4, scale=2.0, seed=1)
+    down = {k: v for k, v in shapes_of(model, KEYS[2:]).items() if ".layers.1." in k}
+    b, _ = make_mlx_adapter(tmp_path / "b", shapes=down, rank=2, scale=0.5, seed=2)
+    cli("fuse", a, b, "--method", "linear", "--weights", "0.7,0.3", "--out", tmp_path / "f")
+    cli("convert", tmp_path / "f", "--to", "peft", "--out", tmp_path / "p")
+    A, B = read_adapter(a), read_adapter(b)
+    want = {n: 0.7 * our_delta(A, n) for n in A.modules}
+    want.update({n: 0.3 * our_delta(B, n) for n in B.modules})
+    check_loads_as(tmp_path / "p", want)
