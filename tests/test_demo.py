@@ -226,3 +226,25 @@ def test_config_from_params_section():
     for d in bad:
         with pytest.raises(FusionError, match="^demo: "):
             DemoConfig.from_dict(d)
+
+
+def test_disabled_demo_stage_builds_nothing(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    def stage(section: str):
+        (tmp_path / "params.yaml").write_text(f"demo: {section}\n")
+        return subprocess.run([sys.executable, "-m", "pipeline.stages.demo", "--params", "params.yaml",
+                               "--out", "demo", "--summary", "reports/demo.json"], cwd=tmp_path,
+                              capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+    (tmp_path / "demo" / "models").mkdir(parents=True)  # a previous build is replaced by nothing
+    r = stage("{enabled: false, seed: 3}")
+    assert r.returncode == 0, r.stderr
+    assert list((tmp_path / "demo").iterdir()) == []
+    assert json.loads((tmp_path / "reports" / "demo.json").read_text()) == {"enabled": False}
+    r = stage("{enabled: 'no'}")
+    assert r.returncode == 2 and r.stderr.strip() == "error: params.yaml: demo.enabled must be true or false, got 'no'"

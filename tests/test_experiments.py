@@ -31,19 +31,26 @@ _built: dict = {}
 
 
 def pipeline_repo(tmp_path_factory):
-    """The scratch project, built once: reduced demo, adapters copied to adapters/NAME, three fusions,
-    `dvc repro` run and committed (the commit is ``_built["rev"]``)."""
+    """The scratch project, built once and set up as a user with their own model and adapters
+    would (as the README says): the reduced demo's base model, adapters and data copied to
+    models/base, adapters/NAME and data/NAME, ``demo: {enabled: false}``, three fusions; `dvc repro`
+    run and committed (the commit is ``_built["rev"]``)."""
     if "root" not in _built:
         root = scratch_project(tmp_path_factory.mktemp("experiments"))
         sh("dvc", "repro", "demo", cwd=root)
         params = yaml.safe_load((root / "params.yaml").read_text())
+        shutil.copytree(root / "demo" / "models" / "base", root / "models" / "base")
+        params["base_model"] = "models/base"
         for name in params["adapters"]:
             shutil.copytree(root / "demo" / "adapters" / name, root / "adapters" / name)
-            params["adapters"][name]["path"] = f"adapters/{name}"
+            shutil.copytree(root / "demo" / "data" / name, root / "data" / name)
+            params["adapters"][name] = {"path": f"adapters/{name}", "data": f"data/{name}"}
+        params["demo"]["enabled"] = False
         params["fusions"] = FUSIONS
         params.setdefault("search", {}).update({"enabled": False, "fusion": "average", "budget": 4})
         (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        sh("dvc", "repro", cwd=root)
+        r = sh("dvc", "repro", cwd=root)
+        assert "demo disabled" in r.stdout and not any((root / "demo").iterdir())
         sh("git", "add", "-A", cwd=root)
         sh("git", "commit", "-qm", "pipeline run", cwd=root)
         _built["root"] = root

@@ -1,4 +1,8 @@
-"""Stage ``demo``: build the built-in demo (base model, adapters, data) offline from params.yaml."""
+"""Stage ``demo``: build the built-in demo (base model, adapters, data) offline from params.yaml.
+
+With ``demo: {enabled: false}`` (your own base model and adapters) it builds nothing: ``--out`` is
+left an empty directory, so the DAG stays as it is and nothing downstream reads from it.
+"""
 
 from __future__ import annotations
 
@@ -20,9 +24,21 @@ def main(params: Path = typer.Option(Path("params.yaml"), help="Reads its 'demo:
     from rich.progress import Progress
 
     from pipeline.demo import DemoConfig, build_demo
+    from pipeline.errors import FusionError
+    from pipeline.formats import atomic_dir
     from pipeline.params import load_params
 
-    cfg = DemoConfig.from_dict(load_params(params).get("demo"))
+    section = dict(load_params(params).get("demo") or {})
+    enabled = section.pop("enabled", True)
+    if not isinstance(enabled, bool):
+        raise FusionError(f"{params}: demo.enabled must be true or false, got {enabled!r}")
+    if not enabled:
+        with atomic_dir(out):
+            pass
+        _write_summary(summary, {"enabled": False})
+        print(f"demo disabled (demo.enabled: false): {out} left empty")
+        return
+    cfg = DemoConfig.from_dict(section)
     with Progress(transient=True) as bar:
         tasks: dict[str, int] = {}
 
@@ -33,10 +49,14 @@ def main(params: Path = typer.Option(Path("params.yaml"), help="Reads its 'demo:
 
         result = build_demo(out, cfg, progress)
     seconds = result.pop("seconds")  # wall times vary run to run: printed, not kept, so the summary
-    summary.parent.mkdir(parents=True, exist_ok=True)  # (like the rest of the demo) is byte-reproducible
-    summary.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    _write_summary(summary, result)    # (like the rest of the demo) is byte-reproducible
     steps = ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items() if k != "total")
     print(f"demo built under {out} in {seconds['total']:.0f} s ({steps})")
+
+
+def _write_summary(path: Path, summary: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
 
 
 if __name__ == "__main__":
