@@ -415,8 +415,8 @@ def _peft_config(adapter: Adapter, rank: int, scale: float, uniform: bool) -> di
             if math.isclose(s, scale, rel_tol=1e-9):
                 return kept
     layers = sorted({m.layer for m in adapter.modules.values() if m.layer is not None})
-    targets = sorted({m.key.rsplit(".", 1)[-1] for m in adapter.modules.values()})
     covered = {(m.layer, m.key.rsplit(".", 1)[-1]) for m in adapter.modules.values()}
+    targets = sorted({t for _, t in covered})
     if covered != {(i, t) for i in layers for t in targets}:
         # Not every target in every layer (e.g. a fusion of adapters over different modules):
         # PEFT would put a LoRA layer on each (layer, target) pair and miss the weights of the

@@ -99,13 +99,14 @@ def write_report(out_dir: str | Path, params: dict, baselines: dict, evals: dict
 
     put("metrics", _json(metrics(data)))
     put("headline", _json(headline(data)))
-    for role, rows in plot_rows(data).items():
+    plots = plot_rows(data)
+    for role, rows in plots.items():
         put(role, _json(rows))
     figures = {"scores_figure": scores_figure(data), "retention_figure": retention_figure(data)}
     if any(f["modules"] for f in data["fusions"].values()):
         figures["geometry_figure"] = geometry_figure(data)
-    if weight_rows(data):
-        figures["weights_figure"] = weights_figure(data)
+    if plots["weights_plot"]:
+        figures["weights_figure"] = weights_figure(plots["weights_plot"], list(data["fusions"]))
     for role, png in figures.items():
         put(role, png)
     blocks = report_blocks(data, {role: REPORT_FILES[role] for role in figures}, title)
@@ -307,8 +308,9 @@ def weight_rows(data: dict) -> list[dict]:
         if s.get("method") == "slerp" and len(f["adapters"]) == 2:
             continue
         for t, x in f["retention"]["tasks"].items():
-            k = f["adapters"].index(x["adapter"]) if x["adapter"] in f["adapters"] else len(f["adapters"])
-            w = _weight_of(s.get("weights"), k)
+            if x["adapter"] not in f["adapters"]:
+                continue
+            w = _weight_of(s.get("weights"), f["adapters"].index(x["adapter"]))
             if w is not None and x["retention"] is not None:
                 rows.append({"label": f"{n} | {t}", "fusion": n, "task": t, "adapter": x["adapter"],
                              "method": s.get("method"), "weight": w, "retention": x["retention"],
@@ -406,11 +408,9 @@ def retention_figure(data: dict) -> bytes:
     return _png(fig)
 
 
-def weights_figure(data: dict) -> bytes:
-    """Retention on each task against the weight of the task's adapter: colour = fusion,
-    marker = task."""
-    rows = weight_rows(data)
-    fusion_names = list(data["fusions"])
+def weights_figure(rows: list[dict], fusion_names: list[str]) -> bytes:
+    """Retention on each task against the weight of the task's adapter (``weight_rows``):
+    colour = fusion, marker = task."""
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     markers = "os^Dvx*P"
     fig = _figure(7.5, 4.2)

@@ -4,7 +4,9 @@ Each reads its own slice of ``params.yaml`` (or the plan ``validate`` wrote for 
 library and writes the paths its ``cmd`` names.
 """
 
+import json
 import sys
+from pathlib import Path
 
 import typer
 
@@ -19,3 +21,9 @@ def run(app: typer.Typer) -> None:
         for line in str(e).splitlines():
             print(f"error: {line}", file=sys.stderr)
         sys.exit(2)
+
+
+def write_json(path: Path, obj) -> None:
+    """``obj`` as indented JSON with sorted keys (stable bytes run to run), creating the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")

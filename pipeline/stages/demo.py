@@ -6,12 +6,11 @@ left an empty directory, so the DAG stays as it is and nothing downstream reads 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
 
-from pipeline.stages import run
+from pipeline.stages import run, write_json
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -35,7 +34,7 @@ def main(params: Path = typer.Option(Path("params.yaml"), help="Reads its 'demo:
     if not enabled:
         with atomic_dir(out):
             pass
-        _write_summary(summary, {"enabled": False})
+        write_json(summary, {"enabled": False})
         print(f"demo disabled (demo.enabled: false): {out} left empty")
         return
     cfg = DemoConfig.from_dict(section)
@@ -49,14 +48,9 @@ def main(params: Path = typer.Option(Path("params.yaml"), help="Reads its 'demo:
 
         result = build_demo(out, cfg, progress)
     seconds = result.pop("seconds")  # wall times vary run to run: printed, not kept, so the summary
-    _write_summary(summary, result)    # (like the rest of the demo) is byte-reproducible
+    write_json(summary, result)  # (like the rest of the demo) is byte-reproducible
     steps = ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items() if k != "total")
     print(f"demo built under {out} in {seconds['total']:.0f} s ({steps})")
-
-
-def _write_summary(path: Path, summary: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
 
 
 if __name__ == "__main__":

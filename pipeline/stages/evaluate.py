@@ -12,7 +12,7 @@ from pathlib import Path
 
 import typer
 
-from pipeline.stages import run
+from pipeline.stages import run, write_json
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True)
 
@@ -42,11 +42,6 @@ def _score(plan: dict, adapter: str | None, label: str) -> dict:
     return result
 
 
-def _write(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
 @app.command()
 def baselines(plan: Path = typer.Option(..., help="baselines.json written by the validate stage."),
               out: Path = typer.Option(..., help="Where to write the scores.")):
@@ -55,7 +50,7 @@ def baselines(plan: Path = typer.Option(..., help="baselines.json written by the
     result = {"base": _score(job, None, "base"), "adapters": {}}
     for name, a in job["adapters"].items():
         result["adapters"][name] = _score(job, a["path"], name)
-    _write(out, result)
+    write_json(out, result)
     print(f"scored the base model and {len(job['adapters'])} adapter(s) on {len(job['tasks'])} task(s)")
 
 
@@ -65,7 +60,7 @@ def fusion(plan: Path = typer.Option(..., help="NAME.eval.json written by the va
            out: Path = typer.Option(..., help="Where to write the scores.")):
     """Score one fused adapter on the tasks of its source adapters."""
     job = json.loads(plan.read_text())
-    _write(out, _score(job, str(adapter), job["fusion"]))
+    write_json(out, _score(job, str(adapter), job["fusion"]))
     print(f"scored {job['fusion']} on {len(job['tasks'])} task(s)")
 
 

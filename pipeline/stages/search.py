@@ -24,7 +24,7 @@ from typing import Callable
 import typer
 
 from pipeline.errors import FusionError
-from pipeline.stages import run
+from pipeline.stages import run, write_json
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -114,8 +114,8 @@ def run_search(fusion: str, base_model: str, adapters: list[tuple[str, str]], sp
                        f"Weight search for {fusion}: {result.evaluations} evaluations, seed {s['seed']}",
                        result.start_value)
     with atomic_dir(out) as tmp_out:
-        _dump(tmp_out / "best.json", record)
-        _dump(tmp_out / "trace.json", rows)
+        write_json(tmp_out / "best.json", record)
+        write_json(tmp_out / "trace.json", rows)
         (tmp_out / "trace.png").write_bytes(png)
     log(f"best {label} on valid {result.value:.4f} (start {result.start_value:.4f}) with weights {json.dumps(best)}")
     log(f"use it: dvc exp run -S '{record['set']}'")
@@ -126,13 +126,9 @@ def write_disabled(out: Path) -> None:
     from pipeline.formats import atomic_dir
 
     with atomic_dir(out) as tmp:
-        _dump(tmp / "best.json", {"enabled": False,
+        write_json(tmp / "best.json", {"enabled": False,
                                   "note": "weight search is off: dvc exp run -S search.enabled=true"})
-        _dump(tmp / "trace.json", [])
-
-
-def _dump(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+        write_json(tmp / "trace.json", [])
 
 
 @app.command()

@@ -9,7 +9,6 @@ leaves its stages alone.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
@@ -17,7 +16,7 @@ import typer
 from pipeline.errors import FusionError
 from pipeline.formats import atomic_dir, sha256_file
 from pipeline.params import load_params, resolve
-from pipeline.stages import run
+from pipeline.stages import run, write_json
 from pipeline.validate import validate
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -52,10 +51,6 @@ def base_identity(base: str) -> dict:
                 import hashlib
                 ident["files"][f.name] = f"{f.stat().st_size}:{hashlib.sha256(head).hexdigest()}"
     return ident
-
-
-def _dump(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 @app.command()
@@ -98,12 +93,12 @@ def main(params: Path = typer.Option(Path("params.yaml"), help="The params file.
     common = {"base_model": p.base_model, "base": base, "eval": p.eval, "prompts": p.prompts}
     with atomic_dir(out) as tmp:
         for fusion in p.fusions.values():
-            _dump(tmp / f"{fusion.name}.fuse.json",
+            write_json(tmp / f"{fusion.name}.fuse.json",
                   {"fusion": fusion.name, "adapters": [adapter_rec(a) for a in fusion.adapters],
                    "spec": fusion.spec.to_json()})
-            _dump(tmp / f"{fusion.name}.eval.json",
+            write_json(tmp / f"{fusion.name}.eval.json",
                   {**common, "fusion": fusion.name, "tasks": {a: task_rec(a) for a in fusion.adapters}})
-        _dump(tmp / "baselines.json",
+        write_json(tmp / "baselines.json",
               {**common, "adapters": {a: adapter_rec(a) for a in p.adapters},
                "tasks": {a: task_rec(a) for a in p.adapters}})
     print(f"validated {len(p.fusions)} fusion(s) over {len(p.adapters)} adapter(s)")
