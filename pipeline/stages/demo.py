@@ -19,7 +19,8 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 def main(params: Path = typer.Option(Path("params.yaml"), help="Reads its 'demo:' section."),
          out: Path = typer.Option(Path("demo"), help="Writes models/base, adapters/TASK, data/TASK here."),
          summary: Path = typer.Option(Path("reports/demo.json"), help="Config, sizes and losses.")):
-    """Build the demo's tiny base model, its LoRA adapters and their data sets."""
+    """Build the demo's tiny base model, its LoRA adapters and their data sets (nothing when
+    demo.enabled is false)."""
     from rich.progress import Progress
 
     from pipeline.demo import DemoConfig, build_demo
