@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from pipeline.errors import FusionError
+from pipeline.methods.registry import method_list
 
 app = typer.Typer(
     name="fusion",
@@ -92,7 +93,7 @@ def parse_rules(rules: list[str] | None) -> list[dict]:
 
 def make_spec(n: int, method: str, weights: str | None, density: str | None, majority_sign_method: str,
               t: str | None, rank: int | None, space: str, seed: int, rules: list[str] | None):
-    from pipeline.fuse import FusionSpec, check_spec
+    from pipeline.spec import FusionSpec, check_spec
 
     spec = FusionSpec(method=method, weights=parse_list(weights, "weights"),
                       density=parse_list(density, "density") if density is not None else 1.0,
@@ -105,9 +106,8 @@ def make_spec(n: int, method: str, weights: str | None, density: str | None, maj
     return spec
 
 
-METHOD_HELP = "linear, concat, slerp, ties, dare_linear, dare_ties or magnitude_prune."
 ADAPTERS = typer.Argument(..., help="Adapter directories (mlx-lm or PEFT layout).", show_default=False)
-o_method = typer.Option("linear", "--method", "-m", help=f"Fusion method: {METHOD_HELP}")
+o_method = typer.Option("linear", "--method", "-m", help=f"Fusion method: {method_list()}.")
 o_weights = typer.Option(None, "--weights", "-w", help="One weight per adapter: 0.7,0.3 (negative subtracts); "
                          "a list per adapter interpolates across layers: [[1,0.5],[0,0.5]]. Default: "
                          "1/N for linear, concat, slerp; 1 for the others.")

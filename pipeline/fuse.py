@@ -5,14 +5,7 @@ every scale folded into the factors, one rank for all modules, zero-padded where
 less) that ``mlx_lm.load(base, adapter_path=out)`` loads unchanged, plus ``fusion.json``: inputs
 with their sha256, the method and fully resolved parameters, per-module rank, re-factoring error
 and geometry, library versions. No timestamps: same inputs and parameters give the same bytes.
-
-Parameter precedence, for each module: the first rule in ``rules`` whose ``match`` is a substring
-of the module name (``self_attn``, ``mlp.down_proj``, ``layers.3.``) > the fusion's own value.
-Any of ``weights`` (per adapter), ``density`` and ``t`` may be a list of values spread evenly over
-the layers and linearly interpolated in between (mergekit's gradients): ``density: [0.3, 0.9]``
-goes from 0.3 on the first layer to 0.9 on the last; per-adapter weights take a list per adapter.
-The layers are 0..L-1 with L-1 the highest layer index any input adapts; a module outside the
-numbered layers takes the last value.
+Parameters resolve per module as :mod:`pipeline.spec` says.
 """
 
 from __future__ import annotations
@@ -22,7 +15,6 @@ import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -32,115 +24,11 @@ from pipeline import geometry
 from pipeline.errors import FusionError
 from pipeline.formats import (Adapter, atomic_dir, mlx_config, output_num_layers, pad_rank,
                               sha256_file, write_mlx)
-from pipeline.methods import METHODS, ModuleParams, check_params, fuse_module
+from pipeline.methods import get_method, run_method
+from pipeline.spec import FusionSpec, check_spec, module_params
 from pipeline.validate import validate
 
-SCHEDULED = ("weights", "density", "t")
-
-
-@dataclass
-class FusionSpec:
-    """What to do: a method and its parameters (see the module docstring for lists and rules)."""
-    method: str = "linear"
-    weights: list | None = None
-    density: float | list = 1.0
-    majority_sign_method: str = "total"
-    t: float | list = 0.5
-    rank: int | None = None
-    space: str = "delta"
-    seed: int = 0
-    rules: list[dict] = field(default_factory=list)
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-
-def default_weights(method: str, n: int) -> list[float]:
-    """An average for linear/concat/slerp; 1 each for the sparsifying methods (TIES' disjoint
-    mean and DARE's rescaling already keep the scale), as PEFT and LoRAX do."""
-    if method in ("linear", "concat", "slerp"):
-        return [1.0 / n] * n
-    return [1.0] * n
-
-
-def _interp(value, pos: float, what: str):
-    """A scalar, or a list of values spread over [0, 1] and interpolated at ``pos``."""
-    if isinstance(value, (list, tuple)):
-        if not value:
-            raise FusionError(f"{what}: empty list")
-        if len(value) == 1:
-            return float(value[0])
-        xs = np.linspace(0.0, 1.0, len(value))
-        return float(np.interp(pos, xs, np.asarray(value, dtype=np.float64)))
-    return value
-
-
-def _check_shape(spec: FusionSpec, n: int, where: str) -> None:
-    w = spec.weights
-    if w is not None:
-        if not isinstance(w, (list, tuple)) or len(w) != n:
-            raise FusionError(f"{where}: {len(w) if isinstance(w, (list, tuple)) else 1} weights for "
-                              f"{n} adapters: give one weight per adapter")
-        for x in w:
-            vals = x if isinstance(x, (list, tuple)) else [x]
-            if not vals or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
-                raise FusionError(f"{where}: weights must be numbers (or a list per adapter), got {x!r}")
-    for name in ("density", "t"):
-        v = getattr(spec, name)
-        vals = v if isinstance(v, (list, tuple)) else [v]
-        if not vals or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in vals):
-            raise FusionError(f"{where}: {name} must be a number or a list of numbers, got {v!r}")
-
-
-def module_params(spec: FusionSpec, name: str, layer: int | None, n_layers: int, n: int) -> ModuleParams:
-    """Resolve the parameters one module is fused with (rules > fusion values; lists per layer)."""
-    eff = spec
-    for rule in spec.rules:
-        if rule["match"] in name:
-            eff = replace(spec, **{k: v for k, v in rule.items() if k in SCHEDULED})
-            break
-    pos = 1.0 if layer is None else (layer / (n_layers - 1) if n_layers > 1 else 0.0)
-    weights = eff.weights if eff.weights is not None else default_weights(spec.method, n)
-    return ModuleParams(
-        weights=tuple(float(_interp(w, pos, "weights")) for w in weights),
-        density=float(_interp(eff.density, pos, "density")),
-        majority_sign_method=spec.majority_sign_method,
-        t=float(_interp(eff.t, pos, "t")),
-        rank=spec.rank,
-        seed=spec.seed,
-        space=spec.space,
-    )
-
-
-def check_spec(spec: FusionSpec, n: int, where: str = "fusion") -> None:
-    """Every user mistake in ``spec`` as a FusionError, before any heavy work."""
-    if spec.method not in METHODS:
-        raise FusionError(f"{where}: unknown method {spec.method!r} (known: {', '.join(METHODS)})")
-    if spec.space not in ("delta", "factors"):
-        raise FusionError(f"{where}: space must be 'delta' or 'factors', got {spec.space!r}")
-    if spec.rank is not None and (not isinstance(spec.rank, int) or isinstance(spec.rank, bool) or spec.rank < 1):
-        raise FusionError(f"{where}: rank must be a positive integer, got {spec.rank!r}")
-    if not isinstance(spec.seed, int) or isinstance(spec.seed, bool):
-        raise FusionError(f"{where}: seed must be an integer, got {spec.seed!r}")
-    _check_shape(spec, n, where)
-    for i, rule in enumerate(spec.rules):
-        if not isinstance(rule, dict) or not isinstance(rule.get("match"), str) or not rule["match"]:
-            raise FusionError(f"{where}: rule {i + 1} needs a non-empty 'match' (a module-name substring)")
-        unknown = set(rule) - {"match", *SCHEDULED}
-        if unknown:
-            raise FusionError(f"{where}: rule {rule['match']!r} sets {', '.join(sorted(unknown))}; "
-                              f"rules may set {', '.join(SCHEDULED)}")
-        _check_shape(replace(spec, **{k: v for k, v in rule.items() if k in SCHEDULED}), n,
-                     f"{where}: rule {rule['match']!r}")
-    # Check every value a module could see: list ends and each list element.
-    for pos_spec in [spec] + [replace(spec, **{k: v for k, v in r.items() if k in SCHEDULED}) for r in spec.rules]:
-        for pos in (0.0, 1.0):
-            p = module_params(pos_spec, "", None if pos == 1.0 else 0, 2, n)
-            check_params(spec.method, n, p)
-        for name in ("density", "t"):
-            v = getattr(pos_spec, name)
-            for x in (v if isinstance(v, (list, tuple)) else [v]):
-                check_params(spec.method, n, replace(module_params(pos_spec, "", None, 2, n), **{name: float(x)}))
+__all__ = ["FusionSpec", "check_spec", "fuse", "module_params"]
 
 
 VERSIONED = ("lora-fusion", "numpy", "mlx", "mlx-lm", "safetensors")
@@ -278,6 +166,7 @@ def fuse(adapters: list[str | Path], out: str | Path, spec: FusionSpec | None = 
     """
     spec = spec or FusionSpec()
     check_spec(spec, len(adapters))
+    method = get_method(spec.method)
     checked = validate(adapters, out, ignore_base=ignore_base, space=spec.space)
     srcs = checked.adapters
     names = names or [a.name for a in srcs]
@@ -300,7 +189,7 @@ def fuse(adapters: list[str | Path], out: str | Path, spec: FusionSpec | None = 
             else:
                 sources.append(None)
         p = module_params(spec, name, info.layer, n_layers, len(srcs))
-        result = fuse_module(sources, shape, spec.method, p, name)
+        result = run_method(method, sources, shape, p, name)
         factors = (np.asarray(result.a, np.float32), np.asarray(result.b, np.float32))
         return factors, {"rank": int(result.rank), "error": float(result.error),
                          "fused_norm": geometry.lowrank_norm(factors),
@@ -310,7 +199,7 @@ def fuse(adapters: list[str | Path], out: str | Path, spec: FusionSpec | None = 
     per_module: dict[str, dict] = {}
     hashes = {}
     dense = 0
-    if spec.space == "delta" and not METHODS[spec.method].exact:
+    if spec.space == "delta" and not method.exact:
         dense = 2 * 4 * max(m.out_features * m.in_features for m in info_of.values())
     workers = worker_count(dense)
     with blas_threads(blas_thread_count()), ThreadPoolExecutor(workers, thread_name_prefix="fuse") as pool:

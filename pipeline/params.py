@@ -15,12 +15,12 @@ from pathlib import Path
 import yaml
 
 from pipeline.errors import FusionError
-from pipeline.fuse import FusionSpec, check_spec
+from pipeline.methods.registry import PARAMS
+from pipeline.spec import FusionSpec, check_spec
 
-DEFAULT_KEYS = ("method", "weights", "density", "majority_sign_method", "t", "rank", "space", "seed")
+DEFAULT_KEYS = ("method", *PARAMS)
 FUSION_KEYS = {"adapters", "rules", *DEFAULT_KEYS}
-DEFAULTS = {"method": "linear", "weights": None, "density": 1.0, "majority_sign_method": "total",
-            "t": 0.5, "rank": None, "space": "delta", "seed": 0}
+DEFAULTS = {"method": "linear", **{name: p.default for name, p in PARAMS.items()}}
 EVAL_DEFAULTS = {"max_examples": 100, "max_tokens": 16, "batch_size": 32}
 
 

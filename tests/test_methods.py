@@ -602,7 +602,8 @@ def test_source_shape_mismatch_is_named():
 
 # --- the fast paths, held to the slow references --------------------------------------------------
 
-import pipeline.methods as methods_mod  # noqa: E402
+import pipeline.methods.dense as dense_mod  # noqa: E402
+import pipeline.methods.lowrank as lowrank_mod  # noqa: E402
 from pipeline.methods import (dense_delta, magnitude_threshold, merge_dense,  # noqa: E402
                               merge_task_vectors, refactor_dense, source_rng)
 
@@ -628,9 +629,9 @@ def test_blocked_merge_equals_the_dense_reference_entry_for_entry(monkeypatch, s
     """merge_dense (row blocks, in-place ops, sign flips by bit, selected threshold) gives the same
     float32 numbers as merge_task_vectors on the whole dense deltas; small blocks force many of them,
     and the bracketed threshold selection runs on every module."""
-    monkeypatch.setattr(methods_mod, "BLOCK", 1000)
-    monkeypatch.setattr(methods_mod, "GEMM_BLOCK", 300)
-    monkeypatch.setattr(methods_mod, "EXACT_SELECT", 0)
+    monkeypatch.setattr(lowrank_mod, "BLOCK", 1000)
+    monkeypatch.setattr(dense_mod, "GEMM_BLOCK", 300)
+    monkeypatch.setattr(dense_mod, "EXACT_SELECT", 0)
     srcs = [make_source(3 + 2 * i, 40 + i, shape) for i in range(n)]
     w = (1.0, -0.7, 0.5, 2.0)[:n]
     ref = _reference_merge(srcs, w, shape, sparsify, density, elect)
@@ -681,13 +682,13 @@ def test_magnitude_threshold_falls_back_when_the_bracket_misses(monkeypatch):
         calls.append(x.size)
         return real(x, kth, *a, **kw)
 
-    monkeypatch.setattr(methods_mod, "SELECT_SIGMAS", -20.0)   # an inverted, empty bracket
-    monkeypatch.setattr(methods_mod.np, "partition", spy)
+    monkeypatch.setattr(dense_mod, "SELECT_SIGMAS", -20.0)   # an inverted, empty bracket
+    monkeypatch.setattr(dense_mod.np, "partition", spy)
     thr = magnitude_threshold(s, (300, 800), 0.4, exact_below=0)
     assert thr == np.sort(mag)[::-1][k - 1]
     assert calls == [mag.size]                                 # only the full partition ran
     calls.clear()
-    monkeypatch.setattr(methods_mod, "SELECT_SIGMAS", 6.0)
+    monkeypatch.setattr(dense_mod, "SELECT_SIGMAS", 6.0)
     assert magnitude_threshold(s, (300, 800), 0.4, exact_below=0) == thr
     assert len(calls) == 1 and calls[0] < mag.size / 10        # the bracket held: a few candidates
 
@@ -736,8 +737,8 @@ def test_exact_refactoring_paths_agree(monkeypatch, sources):
     ref = dense(sources[0]) * 0.7 - 1.3 * dense(sources[1])
     results = []
     for gram, cmax in [(100.0, 1e8), (0.0, 1e8), (0.0, 0.0)]:
-        monkeypatch.setattr(methods_mod, "COND_GRAM", gram)
-        monkeypatch.setattr(methods_mod, "COND_MAX", cmax)
+        monkeypatch.setattr(lowrank_mod, "COND_GRAM", gram)
+        monkeypatch.setattr(lowrank_mod, "COND_MAX", cmax)
         for rank in (None, 5):
             f = refactor_exact(bc, ac, rank)
             results.append((rank, f))
@@ -752,7 +753,7 @@ def test_exact_refactoring_paths_agree(monkeypatch, sources):
     monkeypatch.undo()
     s = make_source(6, 9)
     bc, ac = stack_factors([s, s], (0.5, 0.5), SHAPE)              # rank 6 of 12: deficient
-    assert methods_mod._triangular(bc) is None
+    assert lowrank_mod._triangular(bc) is None
     f = refactor_exact(bc, ac)
     assert f.rank == 6
     close(product(f), dense(s), 1e-6)

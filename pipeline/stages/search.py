@@ -53,14 +53,17 @@ def run_search(fusion: str, base_model: str, adapters: list[tuple[str, str]], sp
     """Search ``fusion``'s weights (its other settings fixed) and write best.json, trace.json, trace.png."""
     from pipeline.evaluate import evaluate, retention
     from pipeline.formats import atomic_dir
-    from pipeline.fuse import default_weights, fuse
+    from pipeline.fuse import fuse
+    from pipeline.methods import get_method
     from pipeline.search import search, trace_figure, vector_weights, weights_vector
 
     names = [n for n, _ in adapters]
     paths = [p for _, p in adapters]
     n, groups = len(adapters), s["layer_groups"]
-    if spec.method == "slerp" and n == 2:
-        raise FusionError(f"fusion {fusion!r}: slerp of two adapters uses t, not weights; search another fusion")
+    method = get_method(spec.method)
+    if not method.uses_weights(n):
+        raise FusionError(f"fusion {fusion!r}: {spec.method} of {n} adapters does not read the weights; "
+                          "search another fusion")
     if spec.space != "delta":
         raise FusionError(f"fusion {fusion!r}: the search tunes fusions in delta space (space: delta)")
     score = dict(max_examples=s["max_examples"] or ev["max_examples"], max_tokens=ev["max_tokens"],
@@ -85,7 +88,7 @@ def run_search(fusion: str, base_model: str, adapters: list[tuple[str, str]], sp
             log(f"  {row['evaluation']:>3}/{s['budget']}: weights {json.dumps(w)} -> "
                 f"{s['objective'].replace('_', ' ')} {row['value']:.4f} (best {row['best']:.4f})")
 
-        start = spec.weights if spec.weights is not None else default_weights(spec.method, n)
+        start = spec.weights if spec.weights is not None else method.default_weights(n)
         result = search(objective, weights_vector(list(start), n, groups), budget=s["budget"], seed=s["seed"],
                         bounds=tuple(s["bounds"]), on_evaluation=report)
 

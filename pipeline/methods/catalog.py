@@ -1,0 +1,31 @@
+"""The registered methods, in the order the command line lists them. Adding a method: write its module
+function (``(sources, shape, p, name) -> FusedModule``) and add one entry here (or call
+:func:`pipeline.methods.registry.register` from your own code)."""
+
+from __future__ import annotations
+
+from pipeline.methods.registry import Method, lazy, register
+
+TV, SLERP = "pipeline.methods.task_vectors", "pipeline.methods.slerp"
+
+register(Method("linear", "weighted sum of the deltas (task arithmetic), exact", ("weights", "rank"),
+                delta=lazy(TV, "linear"), factors=lazy(TV, "on_factors", None, False), exact=True,
+                default_weight="mean"))
+register(Method("concat", "the stacked factors of the weighted deltas, exact, rank = sum of ranks",
+                ("weights", "rank"), delta=lazy(TV, "concat"), exact=True, default_weight="mean"))
+register(Method("slerp", "spherical interpolation of the deltas (barycentric for 3+), exact",
+                ("weights", "t", "rank"), delta=lazy(SLERP, "slerp"), factors=lazy(SLERP, "slerp_factors"),
+                exact=True, default_weight="mean", min_adapters=2, check=lazy(SLERP, "check"),
+                weights_ignored_for=2))
+for _name, _summary, _params, _sparsify, _elect in (
+    ("ties", "trim by magnitude, elect a sign per entry, mean of the agreeing entries",
+     ("weights", "density", "majority_sign_method", "rank"), "magnitude", True),
+    ("dare_linear", "random drop with rescaling, then the weighted sum",
+     ("weights", "density", "seed", "rank"), "random", False),
+    ("dare_ties", "random drop with rescaling, then the TIES election",
+     ("weights", "density", "majority_sign_method", "seed", "rank"), "random", True),
+    ("magnitude_prune", "trim by magnitude, then the weighted sum",
+     ("weights", "density", "rank"), "magnitude", False),
+):
+    register(Method(_name, _summary, _params, delta=lazy(TV, "masked", _sparsify, _elect),
+                    factors=lazy(TV, "on_factors", _sparsify, _elect), exact=False))

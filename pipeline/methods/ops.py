@@ -1,0 +1,160 @@
+"""The plain operations the methods are built from, each a small pure function that works on a 3x3
+array (as PEFT's merge utilities): prune by magnitude, drop at random, elect a sign, disjoint mean,
+the task-vector merge, slerp coefficients, and the seeded random streams.
+
+These are the references: the fast blocked kernels (:mod:`pipeline.methods.dense`) are tested equal
+to them entry for entry. Random streams are keyed by (seed, module name, adapter index), so a
+fusion is reproducible byte for byte and independent of module order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from pipeline.errors import FusionError
+
+SLERP_PARALLEL = 1e-6   # |cos| > 1 - SLERP_PARALLEL: linear interpolation
+RSVD_STREAM = 2**32 - 1  # pseudo adapter index of the randomized SVD's random stream
+
+
+def name_chunks(name: str) -> list[int]:
+    """The eight little-endian uint32 chunks of sha256(name)."""
+    d = hashlib.sha256(name.encode("utf-8")).digest()
+    return [int.from_bytes(d[i:i + 4], "little") for i in range(0, 32, 4)]
+
+
+def source_rng(seed: int, name: str, index: int) -> np.random.Generator:
+    """The random stream of source ``index`` on module ``name`` (DARE masks)."""
+    return np.random.default_rng(np.random.SeedSequence([seed, index, *name_chunks(name)]))
+
+
+def svd_rng(seed: int, name: str) -> np.random.Generator:
+    """The randomized SVD's stream on module ``name``."""
+    return source_rng(seed, name, RSVD_STREAM)
+
+
+def prune_magnitude(x: np.ndarray, density: float) -> np.ndarray:
+    """Keep the ``max(1, round(density * size))`` largest-magnitude entries (all ties at the
+    threshold kept), zero the rest."""
+    if density >= 1.0:
+        return x
+    mag = np.abs(x).ravel()
+    k = max(1, int(math.floor(density * mag.size + 0.5)))
+    thr = np.partition(mag, mag.size - k)[mag.size - k]
+    return np.where(np.abs(x) >= thr, x, np.zeros((), x.dtype))
+
+
+def dare_mask(x: np.ndarray, density: float, rng: np.random.Generator) -> np.ndarray:
+    """DARE: keep each entry with probability ``density`` and divide the survivors by it."""
+    if density >= 1.0:
+        return x
+    keep = rng.random(x.shape, dtype=np.float32) < np.float32(density)
+    return np.where(keep, x / x.dtype.type(density), np.zeros((), x.dtype))
+
+
+def elect_sign(stack: np.ndarray, method: str = "total") -> np.ndarray:
+    """The majority sign per entry of ``stack`` (n, ...): +1/-1, a zero sum electing +1.
+
+    ``total``: sign of the sum of the values; ``frequency``: sign of the sum of their signs."""
+    if method == "total":
+        votes = stack.sum(axis=0)
+    elif method == "frequency":
+        votes = np.sign(stack).sum(axis=0)
+    else:
+        raise FusionError(f"majority_sign_method must be 'total' or 'frequency', got {method!r}")
+    return np.where(votes >= 0, 1, -1).astype(stack.dtype)
+
+
+def disjoint_mean(stack: np.ndarray, signs: np.ndarray) -> np.ndarray:
+    """Sum of the entries of ``stack`` (n, ...) whose sign is ``signs`` divided by their count
+    (zeros never agree; 0 where no entry agrees)."""
+    agree = np.where(signs > 0, stack > 0, stack < 0)
+    total = np.where(agree, stack, np.zeros((), stack.dtype)).sum(axis=0)
+    count = agree.sum(axis=0)
+    return total / np.maximum(count, 1).astype(stack.dtype)
+
+
+def merge_task_vectors(tensors: Iterable[np.ndarray], weights: Sequence[float], *,
+                       sparsify: str | None = None, density: float = 1.0,
+                       elect: str | None = None,
+                       rngs: Sequence[np.random.Generator] | None = None) -> np.ndarray:
+    """The task-vector family: sparsify each tensor, multiply by its weight, then either sum, or
+    elect a sign per entry (``elect`` = "total" | "frequency") and take the disjoint mean.
+
+    ``tensors`` may be a generator (one per weight): only the running sum, or the stack of
+    sparsified tensors the election needs, is held at once."""
+    out = stack = None
+    for i, (x, w) in enumerate(zip(tensors, weights)):
+        if sparsify == "magnitude":
+            x = prune_magnitude(x, density)
+        elif sparsify == "random":
+            x = dare_mask(x, density, rngs[i])
+        elif sparsify is not None:
+            raise ValueError(f"unknown sparsify {sparsify!r}")
+        x = x * x.dtype.type(w)
+        if elect:
+            if stack is None:
+                stack = np.empty((len(weights), *x.shape), x.dtype)
+            stack[i] = x
+        else:
+            out = x if out is None else out + x
+    if elect:
+        return disjoint_mean(stack, elect_sign(stack, elect))
+    return out
+
+
+def slerp_pair(g11: float, g12: float, g22: float, t: float) -> tuple[float, float]:
+    """Coefficients (c1, c2) of slerp(x1, x2, t) = c1 x1 + c2 x2 from the inner products
+    <x1,x1>, <x1,x2>, <x2,x2>; linear (1-t, t) when either is zero or |cos| > 1 - 1e-6."""
+    if g11 <= 0.0 or g22 <= 0.0:
+        return 1.0 - t, t
+    cos = g12 / math.sqrt(g11 * g22)
+    if abs(cos) > 1.0 - SLERP_PARALLEL:
+        return 1.0 - t, t
+    theta = math.acos(max(-1.0, min(1.0, cos)))
+    s = math.sin(theta)
+    return math.sin((1.0 - t) * theta) / s, math.sin(t * theta) / s
+
+
+def slerp_coefficients(gram: np.ndarray, weights: Sequence[float], t: float) -> np.ndarray:
+    """Coefficients c with slerp result ``sum_i c_i x_i``, from the Gram matrix of the x_i.
+
+    Two inputs: slerp at ``t`` (weights ignored). More: barycentric, pairwise in order,
+    ``acc = slerp(acc, x_k, w_k / (w_1 + ... + w_k))`` with non-negative weights."""
+    g = np.asarray(gram, dtype=np.float64)
+    n = g.shape[0]
+    c = np.zeros(n)
+    if n == 0:
+        return c
+    c[0] = 1.0
+    if n == 2:
+        c[0], c[1] = slerp_pair(g[0, 0], g[0, 1], g[1, 1], t)
+        return c
+    total = float(weights[0])
+    for k in range(1, n):
+        total += float(weights[k])
+        tk = float(weights[k]) / total if total > 0 else 0.0
+        gc = g @ c
+        c1, c2 = slerp_pair(float(c @ gc), float(gc[k]), float(g[k, k]), tk)
+        c *= c1
+        c[k] += c2
+    return c
+
+
+def dense_delta(source, shape: tuple[int, int]) -> np.ndarray:
+    """``B @ A`` in float32 (zeros for a missing source), by the same row blocks and chunked products
+    as the blocked kernels (``dense.matmul_rows``), so the two agree entry for entry."""
+    from pipeline.methods.dense import matmul_rows
+    from pipeline.methods.lowrank import row_step
+
+    out = np.zeros(shape, np.float32)
+    if source is not None:
+        a, b = (np.ascontiguousarray(x, np.float32) for x in source)
+        step = row_step(shape[1])
+        for r0 in range(0, shape[0], step):
+            matmul_rows(b[r0:r0 + step], a, out[r0:r0 + step])
+    return out
