@@ -66,11 +66,15 @@ def progress_bar(description: str):
 
 def parse_list(text: str | None, what: str):
     """``0.7,0.3`` or ``[0.7, 0.3]`` or ``[[1, 0.5], [0, 0.5]]`` (per-layer lists) or ``0.5``."""
+    from pipeline.params import yaml_load
+
     if text is None:
         return None
     s = text.strip()
+    if not s:
+        raise FusionError(f"--{what}: empty value (leave the option out for the default)")
     try:
-        value = yaml.safe_load(s if s.startswith("[") or "," not in s else f"[{s}]")
+        value = yaml_load(s if s.startswith("[") or "," not in s else f"[{s}]")
     except yaml.YAMLError:
         raise FusionError(f"--{what}: cannot read {text!r} (use 0.7,0.3 or [0.7, 0.3])") from None
     return value
@@ -78,10 +82,12 @@ def parse_list(text: str | None, what: str):
 
 def parse_rules(rules: list[str] | None) -> list[dict]:
     """``--rule 'self_attn: {weights: [0.9, 0.1], density: 0.5}'`` -> [{match, ...}]."""
+    from pipeline.params import yaml_load
+
     parsed = []
     for text in rules or []:
         try:
-            value = yaml.safe_load(text)
+            value = yaml_load(text)
         except yaml.YAMLError:
             value = None
         if not isinstance(value, dict) or len(value) != 1 or not isinstance(next(iter(value.values())), dict):

@@ -214,6 +214,10 @@ def fuse(adapters: list[str | Path], out: str | Path, spec: FusionSpec | None = 
             pool.shutdown(wait=True, cancel_futures=True)
             raise
 
+    bad = sorted(k for k, (a, b) in fused.items() if not (np.isfinite(a).all() and np.isfinite(b).all()))
+    if bad:
+        raise FusionError(f"the fused factors of {len(bad)} module(s) are not finite in float32 (first: "
+                          f"{bad[0]}): the weights or the inputs' scales are too large; nothing was written")
     rank = max(a.shape[0] for a, _ in fused.values())
     fused = {k: pad_rank(a, b, rank) for k, (a, b) in fused.items()}
     keys = sorted({info_of[k].key for k in fused})

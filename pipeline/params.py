@@ -9,11 +9,13 @@ differs from the default weights' length must give its own weights.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from pipeline.destination import safe_name
 from pipeline.errors import FusionError
 from pipeline.methods.registry import PARAMS
 from pipeline.spec import FusionSpec, check_spec
@@ -49,12 +51,33 @@ class Params:
     raw: dict
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 as PyYAML reads it, but with YAML 1.2's floats: ``1e-9`` and ``1e3`` are numbers."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                |[-+]?\.(?:inf|Inf|INF)
+                |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def yaml_load(text: str):
+    """Parse YAML text (params.yaml, command-line values) with numbers such as ``1e-9`` read as floats."""
+    return yaml.load(text, Loader=_Loader)
+
+
 def load_params(path: str | Path = "params.yaml") -> dict:
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise FusionError(f"{path}: not found") from None
+    except (UnicodeDecodeError, IsADirectoryError) as e:
+        raise FusionError(f"{path}: not a UTF-8 text file ({e.__class__.__name__})") from None
     except yaml.YAMLError as e:
         raise FusionError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
@@ -67,10 +90,18 @@ def resolve(raw: dict, where: str = "params.yaml") -> Params:
     base = raw.get("base_model")
     if not isinstance(base, str) or not base:
         raise FusionError(f"{where}: base_model must name a model directory or hub id")
+    for section, kind in (("adapters", dict), ("fusions", dict), ("eval", dict), ("prompts", list)):
+        if raw.get(section) is not None and not isinstance(raw[section], kind):
+            raise FusionError(f"{where}: '{section}' must be a {'mapping' if kind is dict else 'list'}, "
+                              f"got {type(raw[section]).__name__}")
     adapters = {}
     for name, decl in (raw.get("adapters") or {}).items():
+        safe_name(name, "adapter", where)
         if not isinstance(decl, dict) or "path" not in decl:
             raise FusionError(f"{where}: adapters.{name} needs a 'path' (and usually 'data')")
+        for key in ("path", "data"):
+            if key in decl and not (isinstance(decl[key], str) and decl[key]) and not (key == "data" and decl[key] is None):
+                raise FusionError(f"{where}: adapters.{name}.{key} must be a path, got {decl[key]!r}")
         adapters[str(name)] = AdapterDecl(str(name), Path(decl["path"]),
                                           Path(decl["data"]) if decl.get("data") else None)
     if not adapters:
@@ -78,10 +109,18 @@ def resolve(raw: dict, where: str = "params.yaml") -> Params:
     defaults = {k: raw.get(k, DEFAULTS[k]) for k in DEFAULT_KEYS}
     fusions = {}
     for name, f in (raw.get("fusions") or {}).items():
+        safe_name(name, "fusion", where)
         fusions[str(name)] = _fusion(str(name), f, defaults, adapters, where)
     if not fusions:
         raise FusionError(f"{where}: no fusions declared under 'fusions:'")
     ev = {**EVAL_DEFAULTS, **(raw.get("eval") or {})}
+    unknown = set(ev) - set(EVAL_DEFAULTS)
+    if unknown:
+        raise FusionError(f"{where}: eval has unknown setting(s) {', '.join(sorted(map(str, unknown)))} "
+                          f"(known: {', '.join(EVAL_DEFAULTS)})")
+    for key, value in ev.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise FusionError(f"{where}: eval.{key} must be a positive integer, got {value!r}")
     prompts = raw.get("prompts") or []
     if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
         raise FusionError(f"{where}: prompts must be a list of strings")

@@ -113,10 +113,14 @@ def check_spec(spec: FusionSpec, n: int, where: str = "fusion") -> None:
             raise FusionError(f"{where}: rule {rule['match']!r} sets {', '.join(sorted(unknown))}; "
                               f"rules may set {', '.join(SCHEDULED)}")
         _check_shape(_with_rule(spec, rule), n, f"{where}: rule {rule['match']!r}")
-    for pos_spec in [spec] + [_with_rule(spec, r) for r in spec.rules]:
-        for pos in (0.0, 1.0):
-            check_params(spec.method, n, module_params(pos_spec, "", None if pos == 1.0 else 0, 2, n))
-        for name in ("density", "t"):
-            v = getattr(pos_spec, name)
-            for x in (v if isinstance(v, (list, tuple)) else [v]):
-                check_params(spec.method, n, replace(module_params(pos_spec, "", None, 2, n), **{name: float(x)}))
+    try:
+        for pos_spec in [spec] + [_with_rule(spec, r) for r in spec.rules]:
+            for pos in (0.0, 1.0):
+                check_params(spec.method, n, module_params(pos_spec, "", None if pos == 1.0 else 0, 2, n))
+            for name in ("density", "t"):
+                v = getattr(pos_spec, name)
+                for x in (v if isinstance(v, (list, tuple)) else [v]):
+                    check_params(spec.method, n,
+                                 replace(module_params(pos_spec, "", None, 2, n), **{name: float(x)}))
+    except FusionError as e:
+        raise FusionError(f"{where}: {e}") from None

@@ -40,6 +40,9 @@ def test_fusion_overrides_defaults_and_keeps_rules():
     ({"adapters": ["a", "b"], "method": "ties", "density": 2}, "density"),
     ({"adapters": ["a", "b"], "wieghts": [1, 1]}, "unknown setting(s) wieghts"),
     ({"adapters": "a"}, "needs 'adapters: [NAME, ...]'"),
+    ({"adapters": ["a", "b"], "method": ["linear"]}, "fusion 'f': unknown method ['linear']"),
+    ({"adapters": ["a", "b"], "method": "ties", "density": 1.5}, "fusion 'f': density must be in (0, 1]"),
+    ({"adapters": ["a", "b"], "weights": [1e39, 1]}, "fusion 'f': weights must be finite"),
 ])
 def test_mistakes_name_the_fusion(fusion, message):
     with pytest.raises(FusionError) as e:
@@ -52,3 +55,33 @@ def test_missing_sections():
         resolve(base(base_model=None))
     with pytest.raises(FusionError, match="no fusions"):
         resolve(base(fusions={}))
+
+
+@pytest.mark.parametrize("over,message", [
+    ({"adapters": [{"path": "x"}]}, "'adapters' must be a mapping, got list"),
+    ({"fusions": ["avg"]}, "'fusions' must be a mapping, got list"),
+    ({"eval": [1, 2]}, "'eval' must be a mapping, got list"),
+    ({"eval": {"max_examples": "all"}}, "eval.max_examples must be a positive integer, got 'all'"),
+    ({"eval": {"max_exmaples": 3}}, "eval has unknown setting(s) max_exmaples"),
+    ({"adapters": {"a": {"path": None}, "b": {"path": "y"}}}, "adapters.a.path must be a path, got None"),
+    ({"fusions": {"../../escaped": {"adapters": ["a", "b"]}}}, "fusion name '../../escaped' is not a safe"),
+    ({"fusions": {".hidden": {"adapters": ["a", "b"]}}}, "fusion name '.hidden' is not a safe"),
+    ({"adapters": {"a/b": {"path": "x"}}}, "adapter name 'a/b' is not a safe"),
+])
+def test_sections_of_the_wrong_type_and_unsafe_names_are_refused(over, message):
+    with pytest.raises(FusionError) as e:
+        resolve(base(**over))
+    assert message in str(e.value)
+
+
+def test_numbers_in_exponent_form_and_bad_files(tmp_path):
+    from pipeline.params import load_params
+
+    p = tmp_path / "params.yaml"
+    p.write_text("base_model: m\nadapters: {a: {path: x}, b: {path: y}}\n"
+                 "fusions: {f: {adapters: [a, b], method: ties, weights: [1e3, 1e-9], density: 5e-1}}\n")
+    spec = resolve(load_params(p)).fusions["f"].spec
+    assert spec.weights == [1000.0, 1e-9] and spec.density == 0.5
+    p.write_bytes(b"base_model: \xff\xfe\n")
+    with pytest.raises(FusionError, match="not a UTF-8 text file"):
+        load_params(p)

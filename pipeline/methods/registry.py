@@ -25,6 +25,7 @@ from pipeline.errors import FusionError
 
 SIGN_METHODS = ("total", "frequency")
 SPACES = ("delta", "factors")
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,7 @@ def register(method: Method) -> Method:
 
 def get_method(name: str) -> Method:
     """The registered method ``name``, or a FusionError listing the known ones."""
-    if name not in METHODS:
+    if not isinstance(name, str) or name not in METHODS:
         raise FusionError(f"unknown method {name!r} (known: {', '.join(METHODS)})")
     return METHODS[name]
 
@@ -159,8 +160,8 @@ def check_params(method: str, n_sources: int, p: ModuleParams) -> None:
     if not isinstance(w, (tuple, list)) or len(w) != n_sources:
         got = len(w) if isinstance(w, (tuple, list)) else "no list of"
         raise FusionError(f"{got} weights for {n_sources} adapters: give one weight per adapter")
-    if not all(_is_real(x) and math.isfinite(x) for x in w):
-        raise FusionError(f"weights must be finite numbers, got {list(w)!r}")
+    if not all(_is_real(x) and math.isfinite(x) and abs(x) <= FLOAT32_MAX for x in w):
+        raise FusionError(f"weights must be finite numbers (in float32, where the math runs), got {list(w)!r}")
     if not _is_real(p.density) or not (0.0 < p.density <= 1.0):
         raise FusionError(f"density must be in (0, 1], got {p.density!r}")
     if not _is_real(p.t) or not (0.0 <= p.t <= 1.0):
