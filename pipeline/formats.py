@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.destination import check_destination
 from pipeline.errors import FusionError
 from pipeline.safetensors_io import SafetensorsFile, read_header, sha256_file, write_file
 
@@ -367,8 +368,7 @@ def convert(src: str | Path, out: str | Path, to: str) -> Adapter:
         raise FusionError(f"unknown layout {to!r}: use 'mlx' or 'peft'")
     adapter = read_adapter(src)
     refuse_unfusable(adapter)
-    if Path(out).resolve() == adapter.path.resolve():
-        raise FusionError(f"{out}: output directory is the input adapter")
+    check_destination(out, [src], record="conversion.json")
     bad = adapter.check_finite()
     if bad:
         raise FusionError(f"{adapter.weights_file}: tensor {bad[0]!r} holds NaN or Inf values")
@@ -403,6 +403,9 @@ def convert(src: str | Path, out: str | Path, to: str) -> Adapter:
             write_mlx(tmp, modules, mlx_config(rank, _tidy_number(scale), keys, num_layers, extra), dtypes)
         else:
             write_peft(tmp, modules, _peft_config(adapter, rank, scale, uniform), dtypes)
+        (tmp / "conversion.json").write_text(_json({
+            "written_by": "lora-fusion", "converted_from": str(src), "layout": to,
+            "source_sha256": sha256_file(adapter.weights_file)}))
     return read_adapter(out)
 
 

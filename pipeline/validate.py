@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.destination import check_destination
 from pipeline.errors import FusionError
 from pipeline.formats import Adapter, read_adapter, refuse_unfusable
 
@@ -50,10 +51,10 @@ def validate(paths: list[str | Path], out: str | Path | None = None, *, check_da
                                 + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
         adapters.append(a)
     if out is not None:
-        o = Path(out).resolve()
-        for p, r in zip(paths, resolved):
-            if o == r:
-                problems.append(f"{out}: the output directory is one of the inputs ({p})")
+        try:
+            check_destination(out, paths, record="fusion.json")
+        except FusionError as e:
+            problems.append(str(e))
     notes: list[str] = []
     if len(adapters) >= 2:
         problems += _cross_checks(adapters, ignore_base, space)
