@@ -13,11 +13,12 @@ from __future__ import annotations
 import json
 import math
 
+from pipeline.methods.registry import PARAMS
 from pipeline.report.formatting import MISSING, fmt, gain_pts, pct, signed
 from pipeline.report.gather import best_fusions
 
 # Settings shown first, in this order; other keys follow alphabetically.
-SETTING_ORDER = ["method", "weights", "density", "majority_sign_method", "t", "rank", "space", "seed"]
+SETTING_ORDER = ["method", *PARAMS]
 
 
 def report_blocks(data: dict, figures: dict[str, str], title: str) -> list:

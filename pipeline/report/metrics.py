@@ -6,6 +6,8 @@ Each function takes the structure ``gather.collect`` returns and gives plain dic
 
 from __future__ import annotations
 
+from pipeline.methods.registry import METHODS
+
 
 def metrics(data: dict) -> dict:
     """``metrics.json``: nested so ``dvc metrics show`` reads as a table; ``None`` values left out."""
@@ -89,7 +91,8 @@ def weight_rows(data: dict) -> list[dict]:
     rows = []
     for n, f in data["fusions"].items():
         s = f["settings"]
-        if s.get("method") == "slerp" and len(f["adapters"]) == 2:
+        method = METHODS.get(s.get("method"))
+        if method is not None and not method.uses_weights(len(f["adapters"])):
             continue
         for t, x in f["retention"]["tasks"].items():
             if x["adapter"] not in f["adapters"]:
