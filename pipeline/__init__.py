@@ -9,6 +9,7 @@ This package knows nothing of DVC or the command line; ``pipeline.cli`` is the t
 
 from pipeline import _blas
 
+_blas.pin_kernels()  # the same OpenBLAS kernels on every x86-64 machine, before numpy loads them
 _blas.enable()  # before anything imports mlx
 
 from pipeline.errors import FusionError  # noqa: E402

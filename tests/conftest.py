@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pipeline  # noqa: F401  (first: pins the OpenBLAS kernels before numpy loads them)
 import numpy as np
 import pytest
 
