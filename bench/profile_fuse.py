@@ -20,8 +20,9 @@ import numpy as np  # noqa: E402
 
 from bench.gen_adapters import make_adapter  # noqa: E402
 from pipeline import geometry  # noqa: E402
-from pipeline.fuse import FusionSpec, _module_order, blas_threads, module_params  # noqa: E402
+from pipeline.fuse import FusionSpec, _module_order, module_params  # noqa: E402
 from pipeline.methods import fuse_module  # noqa: E402
+from pipeline.threads import blas_threads  # noqa: E402
 from pipeline.validate import validate  # noqa: E402
 
 

@@ -156,19 +156,18 @@ def test_worker_threads_do_not_change_a_byte(tmp_path, pair, monkeypatch, method
 
 
 def test_blas_threads_restores_the_count(monkeypatch):
-    import sys
+    from pipeline import threads
 
-    fz = sys.modules["pipeline.fuse"]
-    libs = fz._openblas_libs()
+    libs = threads._openblas_libs()
     before = [get() for _, get in libs]
-    with fz.blas_threads(1):
+    with threads.blas_threads(1):
         assert all(get() == 1 for _, get in libs)
     assert [get() for _, get in libs] == before
     monkeypatch.setenv("FUSION_THREADS", "0")
-    assert fz.worker_count() == 1
+    assert threads.worker_count() == 1
     monkeypatch.setenv("FUSION_THREADS", "x")
     with pytest.raises(FusionError, match="FUSION_THREADS"):
-        fz.worker_count()
+        threads.worker_count()
 
 
 def test_versions_match_installed_metadata():
