@@ -93,7 +93,7 @@ def tree_bytes(path: Path) -> dict[str, bytes]:
 @pytest.fixture
 def tiny_model(tmp_path_factory):
     """An untrained tiny llama (hidden 32, 2 layers, FF 64) loadable by mlx_lm.load."""
-    from pipeline.tinymodel import write_tiny_llama
+    from pipeline.demo.tinymodel import write_tiny_llama
 
     path = tmp_path_factory.mktemp("base")
     return write_tiny_llama(path, seed=0, hidden=32, layers=2, heads=4, ff=64)

@@ -10,19 +10,9 @@ from pathlib import Path
 import pytest
 
 from conftest import tree_bytes
-from pipeline.demo import (
-    ALPHABETS,
-    TASKS,
-    DemoConfig,
-    build_demo,
-    encode_pair,
-    exact_match_accuracy,
-    greedy_generate,
-    make_task_data,
-    prompt_ids,
-    read_jsonl,
-)
+from pipeline.demo import ALPHABETS, TASKS, DemoConfig, build_demo, encode_pair, make_task_data
 from pipeline.errors import FusionError
+from pipeline.evaluate import evaluate, greedy_generate, load_examples, prompt_tokens
 
 SMALL = DemoConfig(
     seed=3, hidden=32, layers=2, heads=4, ff=64,
@@ -79,7 +69,7 @@ def test_each_adapter_loads_with_mlx_lm_and_changes_the_model(demo):
     root, _, _ = demo
     base = root / "models" / "base"
     model, tok = load(str(base))
-    ids = mx.array([prompt_ids(tok, "up abcd")])
+    ids = mx.array([prompt_tokens(tok, "up abcd")])
     ref = np.array(model(ids))
     for task in SMALL.tasks:
         conf = json.loads((root / "adapters" / task / "adapter_config.json").read_text())
@@ -140,7 +130,8 @@ def test_same_seed_gives_identical_data_and_another_seed_does_not(demo, tmp_path
     for task in SMALL.tasks:
         again = make_task_data(task, SMALL)
         for split in SPLITS:
-            assert again[split] == read_jsonl(root / "data" / task / f"{split}.jsonl")
+            rows = load_examples(root / "data" / task / f"{split}.jsonl")
+            assert again[split] == [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows]
         assert make_task_data(task, replace(SMALL, seed=4))["test"] != again["test"]
 
 
@@ -157,7 +148,7 @@ def test_base_follows_the_format_and_stops(demo):
     root, _, _ = demo
     model, tok = load(str(root / "models" / "base"))
     for prompt in ("up qwer", "inc 5678", "sh !#$%", "zq ab1d"):
-        pieces = list(stream_generate(model, tok, prompt_ids(tok, prompt), max_tokens=SMALL.word_length + 4))
+        pieces = list(stream_generate(model, tok, prompt_tokens(tok, prompt), max_tokens=SMALL.word_length + 4))
         text = "".join(r.text for r in pieces)
         assert pieces[-1].finish_reason == "stop", (prompt, text)  # EOS, within the bound
         assert pieces[-1].token == tok.eos_token_id
@@ -168,10 +159,11 @@ def test_batched_generation_matches_mlx_lm_generate(demo, tmp_path):
     from mlx_lm import generate, load
 
     root, _, _ = demo
-    model, tok = load(str(root / "models" / "base"), adapter_path=str(root / "adapters" / "inc"))
-    prompts = [r["prompt"] for r in read_jsonl(root / "data" / "inc" / "test.jsonl", 6)] + ["up qwer", "x 1"]
-    got = greedy_generate(model, tok, prompts, max_tokens=10)
-    want = [generate(model, tok, prompt_ids(tok, p), max_tokens=10) for p in prompts]
+    base, adapter = root / "models" / "base", root / "adapters" / "inc"
+    model, tok = load(str(base), adapter_path=str(adapter))
+    prompts = [r["prompt"] for r in load_examples(root / "data" / "inc" / "test.jsonl", 6)] + ["up qwer", "x 1"]
+    got = greedy_generate(model, tok, [prompt_tokens(tok, p) for p in prompts], max_tokens=10, batch_size=256)
+    want = [generate(model, tok, prompt_tokens(tok, p), max_tokens=10) for p in prompts]
     assert got == want
 
     # exact match compares stripped strings
@@ -179,8 +171,13 @@ def test_batched_generation_matches_mlx_lm_generate(demo, tmp_path):
     path.write_text("".join(json.dumps({"prompt": p, "completion": f" {g} "}) + "\n"
                             for p, g in zip(prompts[:4], got[:4]))
                     + json.dumps({"prompt": prompts[4], "completion": "nope"}) + "\n")
-    assert exact_match_accuracy(model, tok, path, limit=4) == 1.0
-    assert exact_match_accuracy(model, tok, path, limit=None) == pytest.approx(0.8)
+
+    def accuracy(limit):
+        scores = evaluate(base, adapter, {"inc": path}, max_examples=limit, max_tokens=10, batch_size=256)
+        return scores["inc"]["accuracy"]
+
+    assert accuracy(limit=4) == 1.0
+    assert accuracy(limit=None) == pytest.approx(0.8)
 
 
 def test_encode_pair_is_the_chat_template(demo):
@@ -191,12 +188,12 @@ def test_encode_pair_is_the_chat_template(demo):
     msgs = [{"role": "user", "content": "up abcd"}, {"role": "assistant", "content": "ABCD"}]
     ids, n_prompt = encode_pair("up abcd", "ABCD")
     assert ids == list(tok.apply_chat_template(msgs, return_dict=False))
-    assert n_prompt == len(prompt_ids(tok, "up abcd"))
+    assert n_prompt == len(prompt_tokens(tok, "up abcd"))
     assert ids[-1] == tok.eos_token_id
 
 
 def test_interrupted_build_leaves_previous_outputs_untouched(demo, tmp_path, monkeypatch):
-    import pipeline.demo as demo_module
+    import pipeline.demo.build as demo_module
 
     root, _, _ = demo
     out = tmp_path / "out"

@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.errors import FusionError
 from pipeline.evaluate import encode_example, evaluate, generate_samples, load_examples, retention
-from pipeline.tinymodel import write_tiny_llama
+from pipeline.demo.tinymodel import write_tiny_llama
 
 PROMPTS = ["up abcd", "inc 1234", "x", "a longer prompt here", "up zz", "q", "inc 99", "hello there"]
 
