@@ -9,8 +9,8 @@
 
 Tasks: ``up abcd -> ABCD``, ``inc 1234 -> 2345``, ``sh !#$% -> #$%&``. Each adapter scores 100% exact
 match on its own task and 0% on the others, the base 0% everywhere. The same config gives
-byte-identical files run to run (on CPU with the OpenBLAS of ``pipeline._blas``, with 1 or 2 BLAS
-threads; another BLAS may change the last bits). Measured figures: ``docs/demo.md``.
+byte-identical files run to run (on CPU with the OpenBLAS kernels ``pipeline._blas`` pins, with 1 or
+2 BLAS threads; other kernels change the last bits). Measured figures: ``docs/demo.md``.
 """
 
 from pipeline.demo.build import build_demo
