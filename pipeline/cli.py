@@ -98,12 +98,13 @@ def parse_rules(rules: list[str] | None) -> list[dict]:
 
 
 def make_spec(n: int, method: str, weights: str | None, density: str | None, majority_sign_method: str,
-              t: str | None, rank: int | None, space: str, seed: int, rules: list[str] | None):
+              t: str | None, rank: int | None, space: str, seed: int, rules: list[str] | None,
+              consensus: str = "peft"):
     from pipeline.spec import FusionSpec, check_spec
 
     spec = FusionSpec(method=method, weights=parse_list(weights, "weights"),
                       density=parse_list(density, "density") if density is not None else 1.0,
-                      majority_sign_method=majority_sign_method,
+                      majority_sign_method=majority_sign_method, consensus=consensus,
                       t=parse_list(t, "t") if t is not None else 0.5,
                       rank=rank, space=space, seed=seed, rules=parse_rules(rules))
     if isinstance(spec.weights, (int, float)):
@@ -120,6 +121,9 @@ o_weights = typer.Option(None, "--weights", "-w", help="One weight per adapter: 
 o_density = typer.Option(None, "--density", "-d", help="Fraction of entries kept by ties, dare_*, "
                          "magnitude_prune, in (0, 1]; a list interpolates across layers. Default 1.")
 o_msm = typer.Option("total", "--majority-sign-method", help="TIES sign election: total or frequency.")
+o_consensus = typer.Option("peft", "--consensus", help="TIES convention: peft (elect on the unweighted values, "
+                           "divide by the number agreeing) or mergekit (elect on the weighted values, divide "
+                           "by the sum of the agreeing weights).")
 o_t = typer.Option(None, "--t", help="SLERP position in [0, 1] between two adapters (0 = first). Default 0.5.")
 o_rank = typer.Option(None, "--rank", "-r", help="Output rank. Default: exact for linear/concat/slerp, "
                       "the largest input rank for the masking methods.")
@@ -182,8 +186,8 @@ def list_adapters(root: Path = typer.Argument(Path("adapters"), help="A director
 def validate(
     adapters: List[Path] = ADAPTERS,
     method: str = o_method, weights: Optional[str] = o_weights, density: Optional[str] = o_density,
-    majority_sign_method: str = o_msm, t: Optional[str] = o_t, rank: Optional[int] = o_rank,
-    space: str = o_space, seed: int = o_seed, rule: Optional[List[str]] = o_rule,
+    majority_sign_method: str = o_msm, consensus: str = o_consensus, t: Optional[str] = o_t,
+    rank: Optional[int] = o_rank, space: str = o_space, seed: int = o_seed, rule: Optional[List[str]] = o_rule,
     out_dir: Optional[Path] = typer.Option(None, "--out", help="The planned output directory (checked not to be an input)."),
     ignore_base: bool = o_ignore_base,
 ):
@@ -194,7 +198,8 @@ def validate(
     """
     from pipeline.validate import validate as run
 
-    spec = make_spec(len(adapters), method, weights, density, majority_sign_method, t, rank, space, seed, rule)
+    spec = make_spec(len(adapters), method, weights, density, majority_sign_method, t, rank, space, seed, rule,
+                     consensus)
     result = run(adapters, out_dir, ignore_base=ignore_base, space=spec.space)
     out.print(adapter_table(result.adapters, f"{len(adapters)} adapters can be fused with {spec.method}"))
     for note in result.notes:
@@ -207,8 +212,8 @@ def fuse(
     adapters: List[Path] = ADAPTERS,
     out_dir: Path = typer.Option(..., "--out", "-o", help="Output adapter directory (mlx-lm layout).", show_default=False),
     method: str = o_method, weights: Optional[str] = o_weights, density: Optional[str] = o_density,
-    majority_sign_method: str = o_msm, t: Optional[str] = o_t, rank: Optional[int] = o_rank,
-    space: str = o_space, seed: int = o_seed, rule: Optional[List[str]] = o_rule,
+    majority_sign_method: str = o_msm, consensus: str = o_consensus, t: Optional[str] = o_t,
+    rank: Optional[int] = o_rank, space: str = o_space, seed: int = o_seed, rule: Optional[List[str]] = o_rule,
     ignore_base: bool = o_ignore_base,
 ):
     """Fuse ADAPTERS into one mlx-lm adapter at --out, plus fusion.json (what was done, hashes, errors).
@@ -217,7 +222,8 @@ def fuse(
     """
     from pipeline.fuse import fuse as run
 
-    spec = make_spec(len(adapters), method, weights, density, majority_sign_method, t, rank, space, seed, rule)
+    spec = make_spec(len(adapters), method, weights, density, majority_sign_method, t, rank, space, seed, rule,
+                     consensus)
     bar, update = progress_bar(f"fusing {len(adapters)} adapters ({spec.method})")
     with bar:
         record = run(adapters, out_dir, spec, progress=update, ignore_base=ignore_base)

@@ -25,6 +25,7 @@ class FusionSpec:
     weights: list | None = PARAMS["weights"].default
     density: float | list = PARAMS["density"].default
     majority_sign_method: str = PARAMS["majority_sign_method"].default
+    consensus: str = PARAMS["consensus"].default
     t: float | list = PARAMS["t"].default
     rank: int | None = PARAMS["rank"].default
     space: str = PARAMS["space"].default
@@ -64,6 +65,7 @@ def module_params(spec: FusionSpec, name: str, layer: int | None, n_layers: int,
         weights=tuple(float(_interp(w, pos, "weights")) for w in weights),
         density=float(_interp(eff.density, pos, "density")),
         majority_sign_method=spec.majority_sign_method,
+        consensus=spec.consensus,
         t=float(_interp(eff.t, pos, "t")),
         rank=spec.rank,
         seed=spec.seed,

@@ -15,13 +15,14 @@ from typing import Sequence
 
 from pipeline.errors import FusionError
 from pipeline.methods import catalog  # noqa: F401  (registers the methods)
-from pipeline.methods.registry import (METHODS, PARAMS, SCHEDULED, SIGN_METHODS, SPACES, Method,
-                                       ModuleParams, Param, check_params, get_method, lazy, method_list,
-                                       register)
+from pipeline.methods.registry import (CONSENSUS, METHODS, PARAMS, SCHEDULED, SIGN_METHODS, SPACES,
+                                       Method, ModuleParams, Param, check_params, get_method, lazy,
+                                       method_list, register)
 
 _HEAVY = {
-    "pipeline.methods.ops": ("dare_mask", "dense_delta", "disjoint_mean", "elect_sign", "merge_task_vectors",
-                             "prune_magnitude", "slerp_coefficients", "slerp_pair", "source_rng", "svd_rng"),
+    "pipeline.methods.ops": ("agreement", "dare_mask", "dense_delta", "disjoint_mean", "elect_sign",
+                             "keep_count", "merge_task_vectors", "prune_magnitude", "slerp_coefficients",
+                             "slerp_pair", "source_rng", "svd_rng", "ties_merge"),
     "pipeline.methods.lowrank": ("REL_TOL", "FusedModule", "_triangular", "randomized_svd", "refactor_dense",
                                  "refactor_exact", "stack_factors", "zero_module"),
     "pipeline.methods.dense": ("magnitude_threshold", "merge_dense"),
@@ -69,6 +70,6 @@ def fuse_module(sources: Sequence, shape: tuple[int, int], method: str, p: Modul
     return run_method(METHODS[method], sources, shape, p, name)
 
 
-__all__ = ["METHODS", "PARAMS", "SCHEDULED", "SIGN_METHODS", "SPACES", "Method", "ModuleParams", "Param",
-           "check_params", "check_sources", "fuse_module", "get_method", "lazy", "method_list", "register",
+__all__ = ["CONSENSUS", "METHODS", "PARAMS", "SCHEDULED", "SIGN_METHODS", "SPACES", "Method", "ModuleParams",
+           "Param", "check_params", "check_sources", "fuse_module", "get_method", "lazy", "method_list", "register",
            "run_method", *_WHERE]

@@ -19,11 +19,11 @@ register(Method("slerp", "spherical interpolation of the deltas (barycentric for
                 weights_ignored_for=2))
 for _name, _summary, _params, _sparsify, _elect in (
     ("ties", "trim by magnitude, elect a sign per entry, mean of the agreeing entries",
-     ("weights", "density", "majority_sign_method", "rank"), "magnitude", True),
+     ("weights", "density", "majority_sign_method", "consensus", "rank"), "magnitude", True),
     ("dare_linear", "random drop with rescaling, then the weighted sum",
      ("weights", "density", "seed", "rank"), "random", False),
     ("dare_ties", "random drop with rescaling, then the TIES election",
-     ("weights", "density", "majority_sign_method", "seed", "rank"), "random", True),
+     ("weights", "density", "majority_sign_method", "consensus", "seed", "rank"), "random", True),
     ("magnitude_prune", "trim by magnitude, then the weighted sum",
      ("weights", "density", "rank"), "magnitude", False),
 ):

@@ -18,6 +18,7 @@ import numpy as np
 
 from pipeline.errors import FusionError
 from pipeline.methods.lowrank import row_step, sum_squares
+from pipeline.methods.ops import keep_count
 
 GEMM_BLOCK = 1 << 15    # entries per rank-r product call within a block
 EXACT_SELECT = 1 << 18  # modules up to this many entries select the magnitude threshold by partition
@@ -71,7 +72,8 @@ def magnitude_threshold(source, shape: tuple[int, int], density: float, *,
     """The magnitude from which ``prune_magnitude`` keeps entries of the source's dense delta
     (kept: ``|x| >= thr``), or None when it keeps everything; exact, without sorting the module.
 
-    ``thr`` is the k-th largest ``|x|`` (``k = max(1, round(density * size))``). Modules of up to
+    ``thr`` is the k-th largest ``|x|`` (``k = keep_count(density, size)``; ``inf`` when ``k = 0``,
+    which keeps nothing of a finite delta). Modules of up to
     ``exact_below`` entries partition all magnitudes. Larger ones sort a random sample of entries
     to bracket the k-th largest between two sampled values ``lo <= hi``, count the entries above
     ``hi`` and collect those in ``[lo, hi]`` in one blocked pass, and partition only those; if the
@@ -82,9 +84,11 @@ def magnitude_threshold(source, shape: tuple[int, int], density: float, *,
     a, b = _f32_source(source)
     out, fin = shape
     size = out * fin
-    k = max(1, int(math.floor(density * size + 0.5)))
+    k = keep_count(density, size)
     if k >= size:
         return None
+    if k == 0:
+        return np.float32(np.inf)
     buf = np.empty((min(row_step(fin), out), fin), np.float32)
     exact_below = EXACT_SELECT if exact_below is None else exact_below
     if size > exact_below:
@@ -122,19 +126,22 @@ def magnitude_threshold(source, shape: tuple[int, int], density: float, *,
 
 def merge_dense(sources: Sequence, weights: Sequence[float], shape: tuple[int, int], *,
                 sparsify: str | None = None, density: float = 1.0, elect: str | None = None,
-                rngs: Sequence[np.random.Generator] | None = None,
+                consensus: str = "peft", rngs: Sequence[np.random.Generator] | None = None,
                 out: np.ndarray | None = None) -> tuple[np.ndarray, float]:
     """``merge_task_vectors`` of the sources' dense deltas ``B_i @ A_i`` (every source present),
     computed row block by row block: ``(merged (out, in) float32, |merged|^2)``.
 
     The same float32 operations in the same order as the reference (sparsify, weight, then the
-    sum, or the election and the disjoint mean), so the same numbers (up to the sign of zeros);
+    sum; or sparsify, the election in ``consensus``'s convention and the disjoint merge), so the
+    same numbers (up to the sign of zeros);
     DARE draws each source's stream in row order, which is the stream a whole-matrix draw gives.
     ``out``: a float32 array of ``shape`` to write into (for example a reused workspace)."""
     if sparsify not in (None, "magnitude", "random"):
         raise ValueError(f"unknown sparsify {sparsify!r}")
     if elect not in (None, "total", "frequency"):
         raise FusionError(f"majority_sign_method must be 'total' or 'frequency', got {elect!r}")
+    if consensus not in ("peft", "mergekit"):
+        raise FusionError(f"consensus must be 'peft' or 'mergekit', got {consensus!r}")
     rows, fin = shape
     srcs = [_f32_source(s) for s in sources]
     n = len(srcs)
@@ -150,7 +157,8 @@ def merge_dense(sources: Sequence, weights: Sequence[float], shape: tuple[int, i
     tmp = np.empty((step, fin), f32)
     keep = np.empty((step, fin), bool)
     if elect:
-        count = np.empty((step, fin), np.uint8)
+        divisor = np.empty((step, fin), f32)
+    weight_first = not elect or consensus == "mergekit"   # peft elects on the unweighted values
     norm2 = 0.0
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
@@ -168,26 +176,31 @@ def merge_dense(sources: Sequence, weights: Sequence[float], shape: tuple[int, i
                 np.less(tmp[:h], d32, out=keep[:h])
                 np.divide(x, d32, out=x)
                 np.multiply(x, keep[:h], out=x)
-            np.multiply(x, ws[i], out=x)
+            if weight_first:
+                np.multiply(x, ws[i], out=x)
             if not elect and i > 0:
                 np.add(acc, x, out=acc)
         if elect:
-            _elect_block(xs[:, :h], elect, acc, tmp[:h], keep[:h], count[:h])
+            _elect_block(xs[:, :h], ws, elect, consensus, acc, tmp[:h], keep[:h], divisor[:h])
         norm2 += sum_squares(acc)
     return merged, norm2
 
 
-def _elect_block(xs: np.ndarray, method: str, total: np.ndarray, votes: np.ndarray,
-                 agree: np.ndarray, count: np.ndarray) -> None:
-    """``disjoint_mean(xs, elect_sign(xs, method))`` written into ``total``; ``xs`` is used as
-    scratch, as are ``votes`` (float32), ``agree`` (bool) and ``count`` (uint8).
+def _elect_block(xs: np.ndarray, ws: Sequence[np.float32], method: str, consensus: str,
+                 total: np.ndarray, votes: np.ndarray, agree: np.ndarray, divisor: np.ndarray) -> None:
+    """``ties_merge`` of the sources' values ``xs`` (n, h, in) written into ``total``: ``xs`` holds
+    the unweighted values for ``peft``, the weighted ones for ``mergekit`` (the values it elects on).
+    ``xs`` is used as scratch, as are ``votes``, ``divisor`` (float32) and ``agree`` (bool).
 
     With ``s`` the elected sign, ``x`` agrees exactly when ``s x > 0``, so the sum of the agreeing
-    entries is ``s * sum_i max(s x_i, 0)``: the same float32 sum as the reference's, since a sign
-    flip is exact and rounding is symmetric. ``s x`` is ``x`` with its sign bit flipped where the
-    votes are negative. A vote of -0.0 (which elects +) only comes from entries that are all zero,
-    which agree with neither sign, so reading it as - changes nothing."""
+    values is ``s * sum_i max(s x_i, 0)`` (``peft``: ``s * sum_i w_i max(s x_i, 0)``): the same
+    float32 sum as the reference's, since a sign flip is exact and rounding is symmetric. ``s x``
+    is ``x`` with its sign bit flipped where the votes are negative. A vote of -0.0 (which elects
+    +) only comes from entries that are all zero, which agree with neither sign, so reading it as
+    - changes nothing. The divisor (the count of agreeing sources, or the sum of their weights) is
+    a float32 sum: exact for counts up to 2**24."""
     n = xs.shape[0]
+    peft = consensus == "peft"
     if method == "total":                                # votes: the sum of the values, in order
         np.copyto(votes, xs[0])
         for i in range(1, n):
@@ -200,18 +213,25 @@ def _elect_block(xs: np.ndarray, method: str, total: np.ndarray, votes: np.ndarr
             np.add(votes, scratch, out=votes)
     flip = votes.view(np.uint32)
     np.bitwise_and(flip, np.uint32(0x80000000), out=flip)   # the sign bit of the votes
-    count.fill(0)
+    divisor.fill(0)
     acc = xs[0]
     for i in range(n):
         x = xs[i]
         bits = x.view(np.uint32)
         np.bitwise_xor(bits, flip, out=bits)             # s * x
         np.greater(x, 0, out=agree)
-        np.add(count, agree.view(np.uint8), out=count)
+        if peft:                                         # count the agreeing sources
+            np.add(divisor, agree, out=divisor)
+        else:                                            # sum their weights (total: free scratch)
+            np.multiply(agree, ws[i], out=total)
+            np.add(divisor, total, out=divisor)
         np.maximum(x, np.float32(0), out=x)
+        if peft:
+            np.multiply(x, ws[i], out=x)
         if i > 0:
             np.add(acc, x, out=acc)
     bits = acc.view(np.uint32)
     np.bitwise_xor(bits, flip, out=bits)                 # back to the elected sign
-    np.maximum(count, np.uint8(1), out=count)
-    np.divide(acc, count, out=total)
+    np.equal(divisor, 0, out=agree)
+    np.add(divisor, agree, out=divisor)                  # a divisor of 0 divides by 1
+    np.divide(acc, divisor, out=total)

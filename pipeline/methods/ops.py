@@ -1,6 +1,7 @@
 """The plain operations the methods are built from, each a small pure function that works on a 3x3
 array (as PEFT's merge utilities): prune by magnitude, drop at random, elect a sign, disjoint mean,
-the task-vector merge, slerp coefficients, and the seeded random streams.
+the task-vector merge (in PEFT's convention or mergekit's), slerp coefficients, and the seeded
+random streams.
 
 These are the references: the fast blocked kernels (:mod:`pipeline.methods.dense`) are tested equal
 to them entry for entry. Random streams are keyed by (seed, module name, adapter index), so a
@@ -37,13 +38,21 @@ def svd_rng(seed: int, name: str) -> np.random.Generator:
     return source_rng(seed, name, RSVD_STREAM)
 
 
+def keep_count(density: float, size: int) -> int:
+    """How many entries magnitude pruning keeps: ``int(density * size)``, as PEFT's
+    ``magnitude_based_pruning`` (0 when ``density * size < 1``: nothing is kept)."""
+    return int(density * size)
+
+
 def prune_magnitude(x: np.ndarray, density: float) -> np.ndarray:
-    """Keep the ``max(1, round(density * size))`` largest-magnitude entries (all ties at the
-    threshold kept), zero the rest."""
+    """Keep the ``keep_count(density, size)`` largest-magnitude entries (all ties at the
+    threshold kept), zero the rest; ``k = 0`` keeps nothing."""
     if density >= 1.0:
         return x
     mag = np.abs(x).ravel()
-    k = max(1, int(math.floor(density * mag.size + 0.5)))
+    k = keep_count(density, mag.size)
+    if k == 0:
+        return np.zeros_like(x)
     thr = np.partition(mag, mag.size - k)[mag.size - k]
     return np.where(np.abs(x) >= thr, x, np.zeros((), x.dtype))
 
@@ -69,21 +78,49 @@ def elect_sign(stack: np.ndarray, method: str = "total") -> np.ndarray:
     return np.where(votes >= 0, 1, -1).astype(stack.dtype)
 
 
-def disjoint_mean(stack: np.ndarray, signs: np.ndarray) -> np.ndarray:
-    """Sum of the entries of ``stack`` (n, ...) whose sign is ``signs`` divided by their count
-    (zeros never agree; 0 where no entry agrees)."""
-    agree = np.where(signs > 0, stack > 0, stack < 0)
-    total = np.where(agree, stack, np.zeros((), stack.dtype)).sum(axis=0)
-    count = agree.sum(axis=0)
-    return total / np.maximum(count, 1).astype(stack.dtype)
+def agreement(stack: np.ndarray, signs: np.ndarray) -> np.ndarray:
+    """Where each entry of ``stack`` (n, ...) has the sign ``signs`` (zeros never agree)."""
+    return np.where(signs > 0, stack > 0, stack < 0)
+
+
+def disjoint_mean(values: np.ndarray, agree: np.ndarray, divisor: np.ndarray | None = None) -> np.ndarray:
+    """Sum of the entries of ``values`` (n, ...) where ``agree``, divided by ``divisor`` (default:
+    the number of agreeing entries); a divisor of 0 divides by 1 (no agreeing entry: 0)."""
+    total = np.where(agree, values, np.zeros((), values.dtype)).sum(axis=0)
+    if divisor is None:
+        divisor = agree.sum(axis=0).astype(values.dtype)
+    return total / np.where(divisor == 0, np.ones((), values.dtype), divisor)
+
+
+def ties_merge(stack: np.ndarray, weights: Sequence[float], method: str = "total",
+               consensus: str = "peft") -> np.ndarray:
+    """The TIES election and disjoint merge of the sparsified, UNWEIGHTED tensors ``stack`` (n, ...).
+
+    ``peft`` (PEFT's ``ties``): the sign is elected on ``stack`` itself; the weighted values that
+    agree with it are summed and divided by the number of agreeing sources. ``mergekit`` (mergekit's
+    ``ties``): the sign is elected on the weighted values; the agreeing weighted values are summed
+    and divided by the sum of the agreeing sources' weights."""
+    w = [stack.dtype.type(x) for x in weights]
+    values = np.empty_like(stack)
+    for i, wi in enumerate(w):
+        np.multiply(stack[i], wi, out=values[i])
+    if consensus == "peft":
+        return disjoint_mean(values, agreement(stack, elect_sign(stack, method)))
+    if consensus == "mergekit":
+        agree = agreement(values, elect_sign(values, method))
+        divisor = np.zeros(stack.shape[1:], stack.dtype)
+        for i, wi in enumerate(w):
+            divisor = divisor + np.where(agree[i], wi, np.zeros((), stack.dtype))
+        return disjoint_mean(values, agree, divisor)
+    raise FusionError(f"consensus must be 'peft' or 'mergekit', got {consensus!r}")
 
 
 def merge_task_vectors(tensors: Iterable[np.ndarray], weights: Sequence[float], *,
                        sparsify: str | None = None, density: float = 1.0,
-                       elect: str | None = None,
+                       elect: str | None = None, consensus: str = "peft",
                        rngs: Sequence[np.random.Generator] | None = None) -> np.ndarray:
-    """The task-vector family: sparsify each tensor, multiply by its weight, then either sum, or
-    elect a sign per entry (``elect`` = "total" | "frequency") and take the disjoint mean.
+    """The task-vector family: sparsify each tensor, then either the weighted sum, or (``elect`` =
+    "total" | "frequency") the TIES election and disjoint merge of :func:`ties_merge`.
 
     ``tensors`` may be a generator (one per weight): only the running sum, or the stack of
     sparsified tensors the election needs, is held at once."""
@@ -95,15 +132,15 @@ def merge_task_vectors(tensors: Iterable[np.ndarray], weights: Sequence[float], 
             x = dare_mask(x, density, rngs[i])
         elif sparsify is not None:
             raise ValueError(f"unknown sparsify {sparsify!r}")
-        x = x * x.dtype.type(w)
         if elect:
             if stack is None:
                 stack = np.empty((len(weights), *x.shape), x.dtype)
             stack[i] = x
         else:
+            x = x * x.dtype.type(w)
             out = x if out is None else out + x
     if elect:
-        return disjoint_mean(stack, elect_sign(stack, elect))
+        return ties_merge(stack, weights, elect, consensus)
     return out
 
 

@@ -24,6 +24,7 @@ from typing import Callable
 from pipeline.errors import FusionError
 
 SIGN_METHODS = ("total", "frequency")
+CONSENSUS = ("peft", "mergekit")
 SPACES = ("delta", "factors")
 FLOAT32_MAX = 3.4028234663852886e38
 
@@ -43,6 +44,9 @@ PARAMS: dict[str, Param] = {p.name: p for p in (
           per_layer=True),
     Param("density", 1.0, "fraction of entries kept, in (0, 1]", per_layer=True),
     Param("majority_sign_method", "total", "sign election: total or frequency"),
+    Param("consensus", "peft", "TIES convention: peft (elect on the unweighted values, divide by the "
+          "number agreeing) or mergekit (elect on the weighted values, divide by the sum of the "
+          "agreeing weights)"),
     Param("t", 0.5, "slerp position between two adapters, in [0, 1] (0 = the first)", per_layer=True),
     Param("rank", None, "output rank; null = the method's default"),
     Param("space", "delta", "delta (exact) or factors (per-tensor average of lora_a / lora_b)"),
@@ -57,6 +61,7 @@ class ModuleParams:
     weights: tuple[float, ...]      # one per source, negative allowed
     density: float = 1.0            # (0, 1]
     majority_sign_method: str = "total"   # "total" | "frequency"
+    consensus: str = "peft"         # "peft" | "mergekit"
     t: float = 0.5                  # slerp
     rank: int | None = None         # output rank; None = method default
     seed: int = 0
@@ -169,6 +174,8 @@ def check_params(method: str, n_sources: int, p: ModuleParams) -> None:
     if p.majority_sign_method not in SIGN_METHODS:
         raise FusionError(f"majority_sign_method must be 'total' or 'frequency', "
                           f"got {p.majority_sign_method!r}")
+    if p.consensus not in CONSENSUS:
+        raise FusionError(f"consensus must be 'peft' or 'mergekit', got {p.consensus!r}")
     if p.rank is not None and (not _is_int(p.rank) or p.rank < 1):
         raise FusionError(f"rank must be a positive integer, got {p.rank!r}")
     if not _is_int(p.seed) or p.seed < 0:

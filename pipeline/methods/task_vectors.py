@@ -42,8 +42,8 @@ def masked(sparsify: str | None, elect: bool):
         rngs = [source_rng(p.seed, name, i) for i in idx] if sparsify == "random" else None
         merged, norm2 = merge_dense([sources[i] for i in idx], [p.weights[i] for i in idx], shape,
                                     sparsify=sparsify, density=p.density,
-                                    elect=p.majority_sign_method if elect else None, rngs=rngs,
-                                    out=workspace(shape))
+                                    elect=p.majority_sign_method if elect else None,
+                                    consensus=p.consensus, rngs=rngs, out=workspace(shape))
         ranks = [sources[i][0].shape[0] for i in idx]
         rank = p.rank if p.rank is not None else max(ranks)
         return refactor_dense(merged, rank, svd_rng(p.seed, name), norm2=norm2, signal_rank=sum(ranks))
@@ -56,6 +56,6 @@ def on_factors(sparsify: str | None, elect: bool):
     def combine(As, Bs, p: ModuleParams, name: str):
         rngs = [source_rng(p.seed, name, i) for i in range(len(As))] if sparsify == "random" else None
         kw = dict(sparsify=sparsify, density=p.density,
-                  elect=p.majority_sign_method if elect else None, rngs=rngs)
+                  elect=p.majority_sign_method if elect else None, consensus=p.consensus, rngs=rngs)
         return merge_task_vectors(As, p.weights, **kw), merge_task_vectors(Bs, p.weights, **kw)
     return in_factor_space(combine)
