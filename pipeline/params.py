@@ -1,8 +1,8 @@
 """The params contract: ``params.yaml`` resolved into one fully specified job per fusion.
 
-Top-level defaults (``method``, ``weights``, ``density``, ``majority_sign_method``, ``consensus``, ``t``, ``rank``,
-``space``, ``seed``) apply to every fusion under ``fusions:``; a fusion may override any of them
-and may add ``rules`` (per-module overrides). Adapters are declared once under ``adapters:``
+Top-level defaults (``method``, ``weights``, ``density``, ``majority_sign_method``, ``consensus``,
+``t``, ``rank``, ``space``, ``seed``) apply to every fusion under ``fusions:``; a fusion may override
+any of them and may add ``rules`` (per-module overrides). Adapters are declared once under ``adapters:``
 (``name: {path, data}``) and fusions refer to them by name. A fusion whose number of adapters
 differs from the default weights' length must give its own weights.
 """

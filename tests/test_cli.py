@@ -27,7 +27,7 @@ def test_help_lists_commands():
     for cmd in ("list", "validate", "fuse", "convert"):
         assert cmd in r.stdout
     r = run_cli("fuse", "--help")
-    assert "--majority-sign-method" in r.stdout and "--space" in r.stdout
+    assert "--majority-sign-method" in r.stdout and "--space" in r.stdout and "--consensus" in r.stdout
 
 
 def test_list_shows_every_adapter(tmp_path, adapters):
@@ -61,6 +61,25 @@ def test_fuse_every_method(tmp_path, adapters, method, extra):
     assert "wrote" in r.stdout
     info = json.loads((out / "fusion.json").read_text())
     assert info["method"] == method
+
+
+def test_fuse_consensus_picks_the_ties_convention(tmp_path, adapters):
+    """With weights other than 1, --consensus mergekit (weighted election, weighted mean) gives
+    other deltas than the default (PEFT's); the choice is recorded in fusion.json."""
+    from pipeline.formats import read_adapter
+
+    deltas = {}
+    for consensus in ("peft", "mergekit"):
+        out = tmp_path / consensus
+        r = run_cli("fuse", *adapters, "--method", "ties", "--weights", "0.7,-0.4", "--density", "0.5",
+                    "--consensus", consensus, "--out", out)
+        assert r.returncode == 0, r.stderr
+        assert json.loads((out / "fusion.json").read_text())["params"]["consensus"] == consensus
+        fused = read_adapter(out)
+        deltas[consensus] = {m: (lambda a, b, s: s * b @ a)(*fused.factors(m)) for m in fused.modules}
+    for m, d in deltas["peft"].items():
+        other = deltas["mergekit"][m]
+        assert np.linalg.norm(d - other) > 0.1 * np.linalg.norm(other), m
 
 
 def test_fuse_with_rule_and_layer_list(tmp_path, adapters):
@@ -110,6 +129,7 @@ def _no_config(path: Path):
     (None, ["--method", "ties", "--density", "1.2"], "density"),
     (None, ["--method", "ties", "--density", "0"], "density"),
     (None, ["--method", "slerp", "--t", "1.5"], "t"),
+    (None, ["--method", "ties", "--consensus", "average"], "consensus must be 'peft' or 'mergekit'"),
     (None, ["--space", "factors"], "equal ranks"),
     (_corrupt, [], "legal/adapters.safetensors: truncated"),
     (_nan, [], "NaN or Inf"),

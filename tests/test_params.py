@@ -39,6 +39,8 @@ def test_fusion_overrides_defaults_and_keeps_rules():
     ({"adapters": ["a", "b"], "weights": [1, 2, 3]}, "3 weights for 2 adapters"),
     ({"adapters": ["a", "b"], "method": "ties", "density": 2}, "density"),
     ({"adapters": ["a", "b"], "wieghts": [1, 1]}, "unknown setting(s) wieghts"),
+    ({"adapters": ["a", "b"], "method": "ties", "consensus": "average"},
+     "consensus must be 'peft' or 'mergekit', got 'average'"),
     ({"adapters": "a"}, "needs 'adapters: [NAME, ...]'"),
     ({"adapters": ["a", "b"], "method": ["linear"]}, "fusion 'f': unknown method ['linear']"),
     ({"adapters": ["a", "b"], "method": "ties", "density": 1.5}, "fusion 'f': density must be in (0, 1]"),
@@ -48,6 +50,16 @@ def test_mistakes_name_the_fusion(fusion, message):
     with pytest.raises(FusionError) as e:
         resolve(base(fusions={"f": fusion}))
     assert message in str(e.value)
+
+
+def test_consensus_defaults_to_peft_and_is_inherited_or_overridden():
+    p = resolve(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    assert p.fusions["ties"].spec.consensus == "peft"
+    p = resolve(base(consensus="mergekit", fusions={"a": {"adapters": ["a", "b"], "method": "ties"},
+                                                   "b": {"adapters": ["a", "b"], "method": "dare_ties",
+                                                         "consensus": "peft"}}))
+    assert p.fusions["a"].spec.consensus == "mergekit" and "consensus" in p.fusions["a"].inherited
+    assert p.fusions["b"].spec.consensus == "peft" and p.fusions["b"].spec.to_json()["consensus"] == "peft"
 
 
 def test_missing_sections():

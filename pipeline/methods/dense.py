@@ -73,11 +73,10 @@ def magnitude_threshold(source, shape: tuple[int, int], density: float, *,
     (kept: ``|x| >= thr``), or None when it keeps everything; exact, without sorting the module.
 
     ``thr`` is the k-th largest ``|x|`` (``k = keep_count(density, size)``; ``inf`` when ``k = 0``,
-    which keeps nothing of a finite delta). Modules of up to
-    ``exact_below`` entries partition all magnitudes. Larger ones sort a random sample of entries
-    to bracket the k-th largest between two sampled values ``lo <= hi``, count the entries above
-    ``hi`` and collect those in ``[lo, hi]`` in one blocked pass, and partition only those; if the
-    bracket missed (a 6-sigma event), the full partition decides. The sample only sets the speed:
+    which keeps nothing of a finite delta). Modules of up to ``exact_below`` entries partition all
+    magnitudes. Larger ones sort a random sample of entries to bracket the k-th largest between
+    two sampled values ``lo <= hi``, count the entries above ``hi`` and collect those in
+    ``[lo, hi]`` in one blocked pass, and partition only those; if the bracket missed (a 6-sigma event), the full partition decides. The sample only sets the speed:
     the result is the k-th largest in every case."""
     if density >= 1.0:
         return None
@@ -133,8 +132,8 @@ def merge_dense(sources: Sequence, weights: Sequence[float], shape: tuple[int, i
 
     The same float32 operations in the same order as the reference (sparsify, weight, then the
     sum; or sparsify, the election in ``consensus``'s convention and the disjoint merge), so the
-    same numbers (up to the sign of zeros);
-    DARE draws each source's stream in row order, which is the stream a whole-matrix draw gives.
+    same numbers (up to the sign of zeros); DARE draws each source's stream in row order, which is
+    the stream a whole-matrix draw gives.
     ``out``: a float32 array of ``shape`` to write into (for example a reused workspace)."""
     if sparsify not in (None, "magnitude", "random"):
         raise ValueError(f"unknown sparsify {sparsify!r}")
