@@ -6,6 +6,7 @@ exit code 2, never a traceback.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -13,6 +14,7 @@ from typing import List, Optional
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -31,23 +33,35 @@ out = Console(width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
 
-def _terminate(signum, frame):
-    raise KeyboardInterrupt
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM: unwinds like KeyboardInterrupt (temporary outputs are removed on the way
+    out) but is not caught by typer, which would turn it into a silent exit."""
+
+
+def _interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
+def print_error(message: str, label: str = "[bold red]error:[/]") -> None:
+    """Each line of ``message`` as one ``error:`` line; the text is printed as it is (square
+    brackets in paths and values are not markup)."""
+    for line in message.splitlines() or ["(no message)"]:
+        err.print(f"{label} {escape(line)}", highlight=False, soft_wrap=True)
 
 
 def main() -> None:
     import signal
 
-    signal.signal(signal.SIGTERM, _terminate)  # clean up temporary outputs on kill/timeout
+    for sig in (signal.SIGINT, signal.SIGTERM):  # clean up temporary outputs on Ctrl-C, kill, timeout
+        signal.signal(sig, _interrupted)
     try:
         app()
     except FusionError as e:
-        for line in str(e).splitlines() or ["(no message)"]:
-            err.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
+        print_error(str(e))
         sys.exit(2)
-    except KeyboardInterrupt:
-        err.print("interrupted")
-        sys.exit(130)
+    except Interrupted as e:
+        err.print("interrupted", highlight=False)
+        sys.exit(128 + e.args[0])
 
 
 def progress_bar(description: str):
@@ -148,21 +162,25 @@ def _human(n: int) -> str:
 def adapter_table(adapters, title: str, root: Path | None = None) -> Table:
     from pipeline.validate import _span
 
-    table = Table(title=title)
+    table = Table(title=escape(title))
     for col in ("adapter", "layout", "rank", "scale", "layers", "modules", "size", "tensors"):
         table.add_column(col, justify="right" if col in ("rank", "scale", "size", "tensors") else "left",
                          overflow="fold")
     for a in adapters:
         shown = a.path.relative_to(root) if root is not None and a.path != root else a.path
-        table.add_row(str(shown), a.layout, ",".join(map(str, sorted(a.ranks))),
+        table.add_row(escape(str(shown)), a.layout, ",".join(map(str, sorted(a.ranks))),
                       ",".join(f"{s:g}" for s in sorted(a.scales)), _span(a.layers),
-                      ", ".join(sorted(a.keys)), _human(a.size_bytes), str(a.tensor_count))
+                      escape(", ".join(sorted(a.keys))), _human(a.size_bytes), str(a.tensor_count))
     return table
 
 
 @app.command("list")
 def list_adapters(root: Path = typer.Argument(Path("adapters"), help="A directory of adapters (or one adapter).")):
-    """List every adapter under ROOT with its rank, scale, layers, target modules, size and tensor count."""
+    """List every adapter under ROOT with its rank, scale, layers, target modules, size and tensor count.
+
+    An adapter that cannot be used is reported as 'skipped: PATH: REASON' on stderr. Exit 0 when at
+    least one adapter can be used, 2 when none can.
+    """
     from pipeline.formats import is_adapter_dir, read_adapter
 
     if not root.is_dir():
@@ -171,15 +189,20 @@ def list_adapters(root: Path = typer.Argument(Path("adapters"), help="A director
     if not dirs:
         raise FusionError(f"{root}: no adapters found (looked for adapters.safetensors, "
                           "best_adapters.safetensors, adapter_model.safetensors)")
-    adapters, problems = [], []
+    adapters, skipped = [], []
     for d in dirs:
         try:
             adapters.append(read_adapter(d))
         except FusionError as e:
-            problems.append(str(e))
-    out.print(adapter_table(adapters, f"{len(adapters)} adapter(s) under {root}", root))
-    for p in problems:
-        err.print(f"[yellow]skipped:[/] {p}", highlight=False)
+            reason = " ".join(str(e).splitlines())
+            skipped.append(reason if reason.startswith(f"{d}{os.sep}") or reason.startswith(f"{d}:")
+                           else f"{d}: {reason}")
+    if adapters:
+        out.print(adapter_table(adapters, f"{len(adapters)} adapter(s) under {root}", root))
+    for line in skipped:
+        print_error(line, "[yellow]skipped:[/]")
+    if not adapters:
+        raise typer.Exit(2)
 
 
 @app.command()
@@ -203,7 +226,7 @@ def validate(
     result = run(adapters, out_dir, ignore_base=ignore_base, space=spec.space)
     out.print(adapter_table(result.adapters, f"{len(adapters)} adapters can be fused with {spec.method}"))
     for note in result.notes:
-        out.print(f"note: {note}", highlight=False)
+        out.print(f"note: {escape(note)}", highlight=False)
     out.print("[green]ok[/]")
 
 
@@ -229,7 +252,7 @@ def fuse(
         record = run(adapters, out_dir, spec, progress=update, ignore_base=ignore_base)
     o = record["output"]
     for note in record["notes"]:
-        out.print(f"note: {note}", highlight=False)
+        out.print(f"note: {escape(note)}", highlight=False)
     out.print(f"wrote {out_dir}: {o['modules']} modules, rank {o['rank']}, "
               f"max re-factoring error {o['max_error']:.2e}", highlight=False)
 

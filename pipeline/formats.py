@@ -68,6 +68,7 @@ class Adapter:
     num_layers: int | None = None
     base_model: str | None = None
     extra_tensors: list[str] = field(default_factory=list)  # names that are not LoRA factors
+    ignored_tensors: list[str] = field(default_factory=list)  # PEFT's *.base_layer.weight (base weights)
     _file: SafetensorsFile | None = field(default=None, repr=False)
 
     @property
@@ -138,15 +139,21 @@ def _read_config(path: Path) -> dict:
         raise FusionError(f"{cfg}: missing (every adapter needs its {CONFIG_FILE})")
     try:
         data = json.loads(cfg.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: bad JSON, bad UTF-8, an integer of 4300+ digits
         raise FusionError(f"{cfg}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise FusionError(f"{cfg}: not valid JSON (nested too deeply)") from None
     if not isinstance(data, dict):
         raise FusionError(f"{cfg}: expected a JSON object")
     return data
 
 
 def read_adapter(path: str | Path) -> Adapter:
-    """Read an adapter's config and safetensors header (no tensor data)."""
+    """Read an adapter's config and safetensors header (no tensor data).
+
+    Reading decides whether the adapter can be used at all: every tensor of the file is a LoRA
+    factor of a module, or a base-weight copy that is ignored (``ignored_tensors``), or the
+    adapter is refused (:func:`refuse_unfusable`), so every command sees the same refusal."""
     path = Path(path)
     if not path.exists():
         raise FusionError(f"{path}: adapter directory does not exist")
@@ -155,50 +162,161 @@ def read_adapter(path: str | Path) -> Adapter:
     layout, weights = find_weights(path)
     config = _read_config(path)
     tensors, _ = read_header(weights)
-    return (_read_mlx if layout == "mlx" else _read_peft)(path, weights, config, tensors)
+    adapter = (_read_mlx if layout == "mlx" else _read_peft)(path, weights, config, tensors)
+    refuse_unfusable(adapter)
+    return adapter
 
 
-def _pair_modules(weights: Path, tensors: dict, suffix_a: str, suffix_b: str, prefix: str = ""):
-    """Group factor tensors by module; yield (module, a_info, b_info) and leftovers."""
+def _pair_modules(tensors: dict, suffix_a: str, suffix_b: str, prefix: str = ""):
+    """Group factor tensors by module: ``[(module, a_info, b_info)]`` and the names left over
+    (a factor without its pair is left over)."""
     a_names = {n[: -len(suffix_a)]: n for n in tensors if n.endswith(suffix_a)}
     b_names = {n[: -len(suffix_b)]: n for n in tensors if n.endswith(suffix_b)}
-    for stem in sorted(set(a_names) ^ set(b_names)):
-        have = suffix_a if stem in a_names else suffix_b
-        raise FusionError(f"{weights}: module {stem!r} has {have.strip('.')} but not its pair")
     pairs = []
-    for stem in sorted(a_names):
+    for stem in sorted(set(a_names) & set(b_names)):
         name = stem[len(prefix):] if prefix and stem.startswith(prefix) else stem
         pairs.append((name, tensors[a_names[stem]], tensors[b_names[stem]]))
-    used = set(a_names.values()) | set(b_names.values())
+    used = {t.name for _, a, b in pairs for t in (a, b)}
     return pairs, sorted(set(tensors) - used)
 
 
-def _num(config: dict, key: str, where: Path, default=None):
+# Tensors that are not LoRA factor pairs, and why each kind cannot be used (first match wins).
+_UNUSABLE = [
+    (r"(^|\.)lora_magnitude_vector(\.|$)|\.m$",
+     "DoRA magnitude vectors (DoRA is not a low-rank delta, so it cannot be fused exactly)"),
+    (r"(^|\.)lora_embedding_[AB](\.|$)", "lora_embedding_A/B (embedding LoRA is not supported yet)"),
+    (r"(^|\.)(lora_bias|lora_[ABab]\.bias)(\.|$)", "LoRA biases (lora_bias is not supported yet)"),
+    (r"(^|\.)modules_to_save(\.|$)", "modules_to_save weights (whole trained modules, not low-rank "
+     "deltas; not supported yet)"),
+    (r"(^|\.)lora_[ABab](\.weight)?$", "lone LoRA factors (each lora_a/lora_A needs its lora_b/lora_B)"),
+    (r"\.bias$", "trained biases (PEFT's bias='all' or 'lora_only'; not supported yet)"),
+    (r"\.(weight|scales|biases)$", "full weights (whole trained modules such as PEFT's modules_to_save "
+     "or a full fine-tune, not low-rank deltas; not supported yet)"),
+    (r"", "tensors that are not LoRA factors"),
+]
+_SHOWN = 3  # names listed per kind of unusable tensor
+
+
+def _unusable(weights: Path, names: list[str]) -> str:
+    """One line naming every tensor that cannot be used, grouped by kind."""
+    groups: dict[str, list[str]] = {}
+    for n in names:
+        why = next(why for pattern, why in _UNUSABLE if re.search(pattern, n))
+        groups.setdefault(why, []).append(n)
+    parts = []
+    for why, group in groups.items():
+        shown = ", ".join(group[:_SHOWN]) + (f" and {len(group) - _SHOWN} more" if len(group) > _SHOWN else "")
+        parts.append(f"{len(group)} tensor{'s' if len(group) > 1 else ''} of {why}: {shown}")
+    return f"{weights}: cannot be used without losing data: " + "; ".join(parts)
+
+
+def _value(v) -> str:
+    """A config value as JSON, as the user wrote it (NaN, null, strings quoted), cut short."""
+    try:
+        text = json.dumps(v)
+    except (RecursionError, ValueError):
+        text = f"a nested {type(v).__name__}"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _num(config: dict, key: str, where: Path, default=None, *, label: str | None = None):
+    """``config[key]``: a finite number (not a bool); ``label`` names it in the message."""
     v = config.get(key, default)
-    if v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise FusionError(f"{where / CONFIG_FILE}: {key!r} must be a number, got {v!r}")
+    try:
+        ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(float(v))
+    except OverflowError:  # an integer beyond float range
+        ok = False
+    if not ok:
+        raise FusionError(f"{where / CONFIG_FILE}: {label or key} must be a finite number, got {_value(v)}")
     return v
 
 
+def _rank(v, label: str, where: Path) -> int:
+    """A rank from a config: a positive integer."""
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise FusionError(f"{where / CONFIG_FILE}: {label} must be a positive integer, got {_value(v)}")
+    return v
+
+
+def _typed(config: dict, key: str, types, want: str, where: Path, default=None, *, label: str | None = None):
+    """``config[key]`` if it is of ``types`` (or absent/null: ``default``)."""
+    v = config.get(key)
+    if v is None:
+        return default
+    if isinstance(v, bool) and bool not in types or not isinstance(v, types):
+        raise FusionError(f"{where / CONFIG_FILE}: {label or key} must be {want}, got {_value(v)}")
+    return v
+
+
+def _factor_rank(weights: Path, name: str, a, b, layout: str) -> int:
+    """The rank of a module's factors, checked: 2-D, agreeing, no dimension of size 0."""
+    r = None
+    if len(a.shape) == 2 and len(b.shape) == 2 and 0 not in a.shape + b.shape:
+        r, r_b = (a.shape[1], b.shape[0]) if layout == "mlx" else (a.shape[0], b.shape[1])
+        r = r if r == r_b else None
+    if r is None:
+        expected = "(in, r) and (r, out)" if layout == "mlx" else "(r, in) and (out, r)"
+        raise FusionError(f"{weights}: module {name!r} has factor shapes {list(a.shape)} and "
+                          f"{list(b.shape)}, expected {expected} with no size 0")
+    return r
+
+
 def _read_mlx(path: Path, weights: Path, config: dict, tensors: dict) -> Adapter:
-    ftt = config.get("fine_tune_type", "lora")
-    lp = config.get("lora_parameters") or {}
-    pairs, extra = _pair_modules(weights, tensors, ".lora_a", ".lora_b")
+    cfg = path / CONFIG_FILE
+    ftt = _typed(config, "fine_tune_type", (str,), "a string (lora, dora or full)", path, "lora")
+    lp = _typed(config, "lora_parameters", (dict,), "an object {rank, scale, dropout, keys}", path, {})
+    num_layers = _typed(config, "num_layers", (int,), "an integer (-1 for all layers)", path)
+    keys = _typed(lp, "keys", (list,), "a list of module paths", path, label="lora_parameters.keys")
+    if keys is not None and not all(isinstance(k, str) for k in keys):
+        raise FusionError(f"{cfg}: lora_parameters.keys must be a list of module paths, got {_value(keys)}")
+    rank = _rank(lp["rank"], "lora_parameters.rank", path) if lp.get("rank") is not None else None
+    if lp.get("dropout") is not None:
+        _num(lp, "dropout", path, label="lora_parameters.dropout")
+    base = [_typed(config, k, (str,), "a string (the base model)", path) for k in ("model", "base_model")]
+    pairs, extra = _pair_modules(tensors, ".lora_a", ".lora_b")
     modules = {}
     if ftt == "lora" or pairs:
-        scale = float(_num(lp, "scale", path)) if "scale" in lp else None
-        if scale is None:
-            raise FusionError(f"{path / CONFIG_FILE}: lora_parameters.scale is missing (mlx-lm requires it)")
+        if "scale" not in lp:
+            raise FusionError(f"{cfg}: lora_parameters.scale is missing (mlx-lm requires it)")
+        scale = float(_num(lp, "scale", path, label="lora_parameters.scale"))
         for name, a, b in pairs:
-            if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[1] != b.shape[0]:
-                raise FusionError(f"{weights}: module {name!r} has factor shapes {list(a.shape)} and "
-                                  f"{list(b.shape)}, expected (in, r) and (r, out)")
-            modules[name] = ModuleInfo(name, a.shape[1], a.shape[0], b.shape[1], scale,
-                                       a.name, b.name, a.dtype)
-    num_layers = config.get("num_layers")
-    return Adapter(path, "mlx", weights, config, modules, ftt,
-                   int(num_layers) if isinstance(num_layers, int) else None,
-                   config.get("model") or config.get("base_model"), extra)
+            r = _factor_rank(weights, name, a, b, "mlx")
+            modules[name] = ModuleInfo(name, r, a.shape[0], b.shape[1], scale, a.name, b.name, a.dtype)
+    adapter = Adapter(path, "mlx", weights, config, modules, ftt, num_layers, base[0] or base[1], extra)
+    _check_against_tensors(adapter, rank, keys)
+    return adapter
+
+
+def _check_against_tensors(adapter: Adapter, rank: int | None, keys: list[str] | None) -> None:
+    """mlx-lm builds its LoRA layers from the config (``rank``, the last ``num_layers`` blocks,
+    ``keys``) and then refuses tensors that do not fit them: check the same here, before any work."""
+    cfg = adapter.path / CONFIG_FILE
+    for m in adapter.modules.values():
+        if rank is not None and m.rank != rank:
+            raise FusionError(f"{cfg}: lora_parameters.rank is {rank} but module {m.name!r} has rank "
+                              f"{m.rank} in {adapter.weights_file.name} (mlx_lm.load would refuse it)")
+        if keys is not None and m.key not in keys:
+            raise FusionError(f"{cfg}: lora_parameters.keys does not list {m.key!r}, which "
+                              f"{adapter.weights_file.name} adapts (mlx_lm.load would refuse it)")
+    n, layers = adapter.num_layers, adapter.layers
+    if n is not None and n > 0 and layers and max(layers) - min(layers) + 1 > n:
+        raise FusionError(f"{cfg}: num_layers is {n} (LoRA on the last {n} block{'s' * (n > 1)}) but "
+                          f"{adapter.weights_file.name} adapts layers {min(layers)} to {max(layers)} "
+                          f"({max(layers) - min(layers) + 1} blocks; mlx_lm.load would refuse it)")
+
+
+def _patterns(config: dict, key: str, where: Path, check) -> dict:
+    """PEFT's ``rank_pattern`` / ``alpha_pattern``: an object whose keys are module names or
+    regular expressions; each value goes through ``check(value, label)``."""
+    patterns = _typed(config, key, (dict,), "an object mapping module names or patterns to values", where, {})
+    for k, v in patterns.items():
+        try:
+            re.compile(k)
+        except re.error as e:
+            raise FusionError(f"{where / CONFIG_FILE}: {key} key {k!r} is not a valid regular expression "
+                              f"({e})") from None
+        check(v, f"{key}[{k!r}]")
+    return patterns
 
 
 def _pattern_value(patterns: dict, name: str, default):
@@ -210,26 +328,30 @@ def _pattern_value(patterns: dict, name: str, default):
 
 
 def _read_peft(path: Path, weights: Path, config: dict, tensors: dict) -> Adapter:
-    ftt = "dora" if config.get("use_dora") else "lora"
-    if config.get("peft_type", "LORA") != "LORA":
-        ftt = str(config.get("peft_type")).lower()
-    pairs, extra = _pair_modules(weights, tensors, ".lora_A.weight", ".lora_B.weight", PEFT_PREFIX)
-    if any(n.endswith("lora_magnitude_vector") or ".lora_magnitude_vector." in n for n in extra):
-        ftt = "dora"
-    alpha = config.get("lora_alpha", config.get("r", 8))
-    rslora = bool(config.get("use_rslora"))
+    peft_type = _typed(config, "peft_type", (str,), "a string (LORA)", path, "LORA")
+    use_dora = _typed(config, "use_dora", (bool,), "true or false", path, False)
+    rslora = _typed(config, "use_rslora", (bool,), "true or false", path, False)
+    base = _typed(config, "base_model_name_or_path", (str,), "a string (the base model)", path)
+    ftt = peft_type.lower() if peft_type != "LORA" else "dora" if use_dora else "lora"
+    r = _rank(config["r"], "r", path) if config.get("r") is not None else None
+    alpha = _num(config, "lora_alpha", path, 8)  # PEFT's default lora_alpha
+    alphas = _patterns(config, "alpha_pattern", path,
+                       lambda v, label: _num({label: v}, label, path))
+    ranks = _patterns(config, "rank_pattern", path, lambda v, label: _rank(v, label, path))
+    pairs, extra = _pair_modules(tensors, ".lora_A.weight", ".lora_B.weight", PEFT_PREFIX)
+    ignored = [n for n in extra if n.endswith(".base_layer.weight")]
+    extra = [n for n in extra if n not in set(ignored)]
     modules = {}
     for name, a, b in pairs:
-        if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != b.shape[1]:
-            raise FusionError(f"{weights}: module {name!r} has factor shapes {list(a.shape)} and "
-                              f"{list(b.shape)}, expected (r, in) and (out, r)")
-        r = a.shape[0]
-        al = float(_pattern_value(config.get("alpha_pattern"), name, alpha))
-        scale = al / math.sqrt(r) if rslora else al / r
-        modules[name] = ModuleInfo(name, r, a.shape[1], b.shape[0], scale, a.name, b.name, a.dtype)
-    extra = [n for n in extra if not n.endswith(".base_layer.weight")]
-    return Adapter(path, "peft", weights, config, modules, ftt, None,
-                   config.get("base_model_name_or_path"), extra)
+        rank = _factor_rank(weights, name, a, b, "peft")
+        want = _pattern_value(ranks, name, r)
+        if want is not None and want != rank:
+            raise FusionError(f"{path / CONFIG_FILE}: gives module {name!r} rank {want} (r / rank_pattern) "
+                              f"but its lora_A in {weights.name} has rank {rank} (PEFT would refuse it)")
+        al = float(_pattern_value(alphas, name, alpha))
+        scale = al / math.sqrt(rank) if rslora else al / rank
+        modules[name] = ModuleInfo(name, rank, a.shape[1], b.shape[0], scale, a.name, b.name, a.dtype)
+    return Adapter(path, "peft", weights, config, modules, ftt, None, base, extra, ignored)
 
 
 # --- writers ---------------------------------------------------------------------------------
@@ -342,7 +464,9 @@ def _tidy_number(x: float):
 
 
 def refuse_unfusable(adapter: Adapter) -> None:
-    """DoRA and full fine-tunes are not low-rank deltas: refuse them with the reason."""
+    """Refuse what is not a plain LoRA adapter, with the reason: DoRA and full fine-tunes are not
+    low-rank deltas, and a tensor that is neither a LoRA factor nor an ignored base-weight copy
+    would be lost from every output."""
     if adapter.fine_tune_type == "dora":
         raise FusionError(
             f"{adapter.path}: DoRA adapter (fine_tune_type dora): its magnitude vector rescales the "
@@ -352,6 +476,8 @@ def refuse_unfusable(adapter: Adapter) -> None:
         raise FusionError(
             f"{adapter.path}: {adapter.fine_tune_type!r} fine-tune, not a LoRA adapter: it holds full "
             "weights, not a low-rank delta, so there is nothing to fuse here")
+    if adapter.extra_tensors:
+        raise FusionError(_unusable(adapter.weights_file, adapter.extra_tensors))
     if not adapter.modules:
         raise FusionError(f"{adapter.weights_file}: no LoRA factor tensors found")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,12 @@ class TensorInfo:
 
 
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Parse and check a safetensors header: tensor table and ``__metadata__``."""
+    """Parse and check a safetensors header: tensor table and ``__metadata__``.
+
+    The checks are the reference library's: a JSON object of entries ``{dtype: str, shape: [int],
+    data_offsets: [begin, end]}`` (non-negative integers) whose byte ranges match their shapes and
+    tile the data exactly, without gap or overlap, up to the end of the file; ``__metadata__`` maps
+    strings to strings. Anything else is one FusionError naming the file and the entry."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -53,28 +59,80 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     except OSError as e:
         raise FusionError(f"{path}: cannot read ({e.strerror})") from None
     try:
-        table = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        table = json.loads(raw.decode("utf-8"))
+    except ValueError:  # bad JSON, bad UTF-8, an integer of 4300+ digits
         raise FusionError(f"{path}: corrupted safetensors header (not valid JSON)") from None
+    except RecursionError:
+        raise FusionError(f"{path}: corrupted safetensors header (nested too deeply)") from None
     if not isinstance(table, dict):
-        raise FusionError(f"{path}: corrupted safetensors header")
-    meta = table.pop("__metadata__", None) or {}
-    tensors = {}
+        raise FusionError(f"{path}: corrupted safetensors header (not a JSON object)")
+    meta = table.pop("__metadata__", None)
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise FusionError(f"{path}: corrupted safetensors header (__metadata__ must map strings to strings)")
     base = 8 + n
-    for name, entry in table.items():
-        try:
-            dtype, shape, (lo, hi) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise FusionError(f"{path}: corrupted safetensors header entry for {name!r}") from None
-        if dtype not in _DTYPES:
-            raise FusionError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
-        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(_DTYPES[dtype]).itemsize
-        if hi - lo != nbytes or lo < 0:
-            raise FusionError(f"{path}: tensor {name!r} has inconsistent offsets for shape {list(shape)}")
-        if base + hi > size:
-            raise FusionError(f"{path}: truncated: tensor {name!r} ends at byte {base + hi}, file has {size}")
-        tensors[name] = TensorInfo(name, dtype, shape, base + lo, base + hi)
+    tensors = {name: _entry(path, name, entry, base, size) for name, entry in table.items()}
+    _check_tiling(path, tensors, base, size)
     return tensors, meta
+
+
+def _is_index(x) -> bool:
+    """A non-negative JSON integer (``true`` and ``1.0`` are not)."""
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _entry(path: Path, name: str, entry, base: int, size: int) -> TensorInfo:
+    """One header entry, type-checked, as a TensorInfo with absolute offsets."""
+    def bad(what: str) -> FusionError:
+        return FusionError(f"{path}: corrupted safetensors header: tensor {name!r} {what}")
+
+    if not isinstance(entry, dict):
+        raise bad(f"is {type(entry).__name__}, not an object with dtype, shape and data_offsets")
+    missing = [k for k in ("dtype", "shape", "data_offsets") if k not in entry]
+    if missing:
+        raise bad(f"has no {' or '.join(missing)}")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str):
+        raise bad(f"has dtype {_short(dtype)}, not a string")
+    if dtype not in _DTYPES:
+        raise FusionError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
+    if not isinstance(shape, list) or not all(_is_index(d) for d in shape):
+        raise bad(f"has shape {_short(shape)}, not a list of non-negative integers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_index(o) for o in offsets):
+        raise bad(f"has data_offsets {_short(offsets)}, not two non-negative integers")
+    lo, hi = offsets
+    nbytes = math.prod(shape) * np.dtype(_DTYPES[dtype]).itemsize
+    if hi - lo != nbytes:
+        raise FusionError(f"{path}: tensor {name!r} has inconsistent offsets for shape {list(shape)}")
+    if base + hi > size:
+        raise FusionError(f"{path}: truncated: tensor {name!r} ends at byte {base + hi}, file has {size}")
+    return TensorInfo(name, dtype, tuple(shape), base + lo, base + hi)
+
+
+def _check_tiling(path: Path, tensors: dict[str, TensorInfo], base: int, size: int) -> None:
+    """The tensors' byte ranges cover the data exactly once, from the header's end to the file's."""
+    at, prev = base, None
+    for info in sorted(tensors.values(), key=lambda t: (t.start, t.end)):
+        if info.start < at:
+            raise FusionError(f"{path}: corrupted safetensors header: tensor {info.name!r} overlaps "
+                              f"tensor {prev.name!r} (bytes {info.start - base}-{at - base} of the data)")
+        if info.start > at:
+            raise FusionError(f"{path}: corrupted safetensors header: bytes {at - base}-{info.start - base} "
+                              f"of the data, before tensor {info.name!r}, belong to no tensor")
+        at, prev = info.end, info
+    if at != size:
+        raise FusionError(f"{path}: corrupted safetensors header: the last {size - at} bytes of the file "
+                          "belong to no tensor")
+
+
+def _short(value) -> str:
+    """A JSON value for a message, cut to 40 characters."""
+    try:
+        text = json.dumps(value)
+    except (RecursionError, ValueError):
+        text = f"a nested {type(value).__name__}"
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 class SafetensorsFile:

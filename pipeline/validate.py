@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pipeline.destination import check_destination
 from pipeline.errors import FusionError
-from pipeline.formats import Adapter, read_adapter, refuse_unfusable
+from pipeline.formats import Adapter, read_adapter
 
 
 @dataclass
@@ -39,8 +39,7 @@ def validate(paths: list[str | Path], out: str | Path | None = None, *, check_da
             problems.append(f"{p}: the same adapter is given twice")
     for p in paths:
         try:
-            a = read_adapter(p)
-            refuse_unfusable(a)
+            a = read_adapter(p)  # refuses what cannot be fused (DoRA, unusable tensors, ...)
         except FusionError as e:
             problems.append(str(e))
             continue
@@ -110,7 +109,22 @@ def _notes(adapters: list[Adapter]) -> list[str]:
     layouts = {a.layout for a in adapters}
     if len(layouts) > 1:
         notes.append("mixed mlx-lm and PEFT layouts; the fused adapter is written in the mlx-lm layout")
+    dtypes = {a.name: "+".join(sorted({_DTYPE_NAMES.get(m.dtype, m.dtype) for m in a.modules.values()}))
+              for a in adapters}
+    if set(dtypes.values()) != {"float32"}:
+        kinds = sorted(set(dtypes.values()))
+        desc = kinds[0] if len(kinds) == 1 else ", ".join(
+            f"{k} ({', '.join(n for n, d in dtypes.items() if d == k)})" for k in kinds)
+        notes.append(f"inputs are {desc}; the output will be float32")
+    for a in adapters:
+        if a.ignored_tensors:
+            n = len(a.ignored_tensors)
+            notes.append(f"{a.name}: ignored {n} *.base_layer.weight tensor{'s' * (n > 1)} (base model "
+                         "weights saved with the adapter, not adapter tensors; not in the output)")
     return notes
+
+
+_DTYPE_NAMES = {"F32": "float32", "BF16": "bf16", "F16": "fp16", "F64": "float64"}
 
 
 def _span(layers: set[int]) -> str:

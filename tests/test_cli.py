@@ -169,17 +169,27 @@ def test_convert_round_trip_via_cli(tmp_path):
     assert r.returncode == 2 and "unknown layout 'gguf'" in r.stderr
 
 
-def test_killed_fuse_leaves_no_partial_output(tmp_path):
-    big = {f"model.layers.{i}.mlp.down_proj": (1024, 1024) for i in range(24)}
-    a, _ = make_mlx_adapter(tmp_path / "a", shapes=big, rank=16, seed=1)
-    b, _ = make_mlx_adapter(tmp_path / "b", shapes=big, rank=16, seed=2)
-    before = tree_bytes(a), tree_bytes(b)
+def big_pair(tmp_path, layers=24):
+    """Two adapters whose TIES fusion takes a few seconds (time to interrupt it)."""
+    big = {f"model.layers.{i}.mlp.down_proj": (1024, 1024) for i in range(layers)}
+    a, _ = make_mlx_adapter(tmp_path / "a", shapes=big, rank=16, seed=1, num_layers=layers)
+    b, _ = make_mlx_adapter(tmp_path / "b", shapes=big, rank=16, seed=2, num_layers=layers)
+    return a, b, big
+
+
+def start_fuse(a, b, out) -> subprocess.Popen:
     exe = Path(sys.executable).parent / "fusion"
+    return subprocess.Popen([str(exe), "fuse", str(a), str(b), "--method", "ties", "--weights", "1,1",
+                             "--density", "0.5", "--out", str(out)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_killed_fuse_leaves_no_partial_output(tmp_path):
+    a, b, big = big_pair(tmp_path)
+    before = tree_bytes(a), tree_bytes(b)
     for i, delay in enumerate((0.8, 1.6, 2.4, 3.2)):
         out = tmp_path / f"out{i}"
-        p = subprocess.Popen([str(exe), "fuse", str(a), str(b), "--method", "ties", "--weights", "1,1",
-                              "--density", "0.5", "--out", str(out)], cwd=ROOT,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        p = start_fuse(a, b, out)
         time.sleep(delay)
         p.send_signal(signal.SIGKILL if i % 2 else signal.SIGTERM)
         p.wait(timeout=60)
@@ -189,3 +199,31 @@ def test_killed_fuse_leaves_no_partial_output(tmp_path):
         leftovers = [f for f in tmp_path.iterdir() if f.name.startswith(f".out{i}.tmp") and i % 2 == 0]
         assert leftovers == []  # SIGTERM cleans up its temporary directory
     assert (tree_bytes(a), tree_bytes(b)) == before
+
+
+def _handles_sigterm(pid: int) -> bool:
+    """Whether the process has installed its own SIGTERM handler yet (Linux: SigCgt in /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
+    return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc to see the signal handler")
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_fuse_says_interrupted(tmp_path, sig):
+    """Ctrl-C or a kill in the middle of a fusion: one line 'interrupted', exit 128 + the signal,
+    no output and no temporary directory left."""
+    a, b, _ = big_pair(tmp_path, layers=36)
+    out = tmp_path / "out"
+    p = start_fuse(a, b, out)
+    deadline = time.time() + 60
+    while not _handles_sigterm(p.pid) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)  # into the fusion (reading, validating, fusing modules)
+    assert p.poll() is None, p.communicate()
+    p.send_signal(sig)
+    stdout, stderr = p.communicate(timeout=60)
+    assert p.returncode == 128 + sig, (stdout, stderr)
+    assert stderr.strip() == "interrupted", stderr
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["a", "b"]  # no output, no temporary directory
