@@ -25,6 +25,7 @@ import numpy as np
 
 from pipeline.destination import check_destination
 from pipeline.errors import FusionError
+from pipeline.io import atomic_dir, write_json
 from pipeline.safetensors_io import SafetensorsFile, read_header, sha256_file, write_file
 
 MLX_FILES = ("adapters.safetensors", "best_adapters.safetensors")
@@ -356,10 +357,6 @@ def _read_peft(path: Path, weights: Path, config: dict, tensors: dict) -> Adapte
 
 # --- writers ---------------------------------------------------------------------------------
 
-def _json(obj) -> str:
-    return json.dumps(obj, indent=2, sort_keys=True) + "\n"
-
-
 def mlx_tensors(modules: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
     """``{module: (A (r, in), B (out, r))}`` -> mlx-lm tensor names and layouts."""
     out = {}
@@ -384,7 +381,7 @@ def write_mlx(out: Path, modules: dict[str, tuple[np.ndarray, np.ndarray]], conf
     """Write an mlx-lm adapter into the (existing) directory ``out``; return the sha256 of its
     ``adapters.safetensors``."""
     digest = write_file(out / "adapters.safetensors", mlx_tensors(modules), {"format": "mlx"}, dtypes)
-    (out / CONFIG_FILE).write_text(_json(config))
+    write_json(out / CONFIG_FILE, config)
     return digest
 
 
@@ -396,7 +393,7 @@ def write_peft(out: Path, modules: dict[str, tuple[np.ndarray, np.ndarray]], con
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b
     write_file(out / PEFT_FILE, tensors, {"format": "pt"}, dtypes)
-    (out / CONFIG_FILE).write_text(_json(config))
+    write_json(out / CONFIG_FILE, config)
 
 
 def common_rank(modules: dict[str, tuple[np.ndarray, np.ndarray]]) -> int:
@@ -422,42 +419,7 @@ def output_num_layers(adapters: list[Adapter]) -> int:
     return max(ns)
 
 
-# --- atomic output and conversion -----------------------------------------------------------
-
-class atomic_dir:
-    """``with atomic_dir(out) as tmp:`` write into ``tmp``; on success it replaces ``out``.
-
-    The temporary directory is a hidden sibling of ``out``, so the final rename stays on one file
-    system; an interrupted or failed write leaves ``out`` as it was (absent or the old version).
-    """
-
-    def __init__(self, out: str | Path):
-        self.out = Path(out)
-
-    def __enter__(self) -> Path:
-        import tempfile
-
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        import os
-        import shutil
-
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        self.tmp.chmod(0o755)
-        old = None
-        if self.out.exists():
-            old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
-            os.replace(self.out, old)
-        os.replace(self.tmp, self.out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
-        return False
-
+# --- conversion -----------------------------------------------------------------------------
 
 def _tidy_number(x: float):
     return int(x) if float(x).is_integer() else float(x)
@@ -529,9 +491,9 @@ def convert(src: str | Path, out: str | Path, to: str) -> Adapter:
             write_mlx(tmp, modules, mlx_config(rank, _tidy_number(scale), keys, num_layers, extra), dtypes)
         else:
             write_peft(tmp, modules, _peft_config(adapter, rank, scale, uniform), dtypes)
-        (tmp / "conversion.json").write_text(_json({
+        write_json(tmp / "conversion.json", {
             "written_by": "lora-fusion", "converted_from": str(src), "layout": to,
-            "source_sha256": sha256_file(adapter.weights_file)}))
+            "source_sha256": sha256_file(adapter.weights_file)})
     return read_adapter(out)
 
 

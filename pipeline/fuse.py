@@ -10,7 +10,6 @@ Parameters resolve per module as :mod:`pipeline.spec` says.
 
 from __future__ import annotations
 
-import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,8 +19,8 @@ import numpy as np
 
 from pipeline import geometry
 from pipeline.errors import FusionError
-from pipeline.formats import (Adapter, atomic_dir, mlx_config, output_num_layers, pad_rank,
-                              sha256_file, write_mlx)
+from pipeline.formats import Adapter, mlx_config, output_num_layers, pad_rank, sha256_file, write_mlx
+from pipeline.io import atomic_dir, write_json
 from pipeline.methods import get_method, run_method
 from pipeline.spec import FusionSpec, check_spec, module_params
 from pipeline.threads import blas_thread_count, blas_threads, worker_count
@@ -153,7 +152,7 @@ def fuse(adapters: list[str | Path], out: str | Path, spec: FusionSpec | None = 
     with atomic_dir(out) as tmp:
         record["output"]["sha256"] = write_mlx(tmp, fused, config)
         record["output"]["config_sha256"] = sha256_file(tmp / "adapter_config.json")
-        (tmp / "fusion.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        write_json(tmp / "fusion.json", record)
     return record
 
 
