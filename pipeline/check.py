@@ -6,7 +6,8 @@ Inputs are ``reports/metrics.json`` dicts as ``pipeline.report.metrics`` writes 
                           "tasks": {TASK: {"accuracy", "loss", "retention"}}}}, ...}
 
 Every key below ``fusions`` may be missing (``None`` values are left out of the file).
-Nothing here reads git, runs DVC or prints: the ``fusion check`` command does that.
+``gate`` gathers the inputs (the metrics committed at a git revision, the workspace's, and whether
+``dvc status`` is clean) and compares them; nothing here prints: the ``fusion check`` command does.
 
 What counts as a regression, for each fusion present in both the baseline and the current metrics
 (``Tolerances``, the ``check:`` section of ``params.yaml``):
@@ -24,8 +25,12 @@ these for one fusion. A fusion that only the baseline has is a note, not a regre
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 
 from pipeline.errors import FusionError
 
@@ -188,6 +193,12 @@ def _floors(name: str, cur: dict, tol: Tolerances) -> list[Regression]:
     return found
 
 
+def could_not_run_markdown(error: FusionError, baseline: str) -> str:
+    """The Markdown summary of a check that could not be made: one item per problem."""
+    lines = "\n".join(f"- {line}" for line in str(error).splitlines())
+    return f"## Fusion check against `{baseline}`: could not run\n\n{lines}\n"
+
+
 def to_markdown(result: CheckResult, baseline: str) -> str:
     """A short Markdown summary (for a CI job summary): one row per fusion, then the regressions."""
     verdict = "passed" if result.ok else f"failed: {len(result.regressions)} regression(s)"
@@ -208,3 +219,68 @@ def to_markdown(result: CheckResult, baseline: str) -> str:
 
 def _fmt(x) -> str:
     return "-" if x is None else f"{x:.4f}"
+
+
+# ---------------------------------------------------------------------------- the inputs of the gate
+
+
+def gate(baseline: str, metrics: Path, section: dict | None, where: str, status: bool = True) -> CheckResult:
+    """Compare the workspace's ``metrics`` with the ones committed at git revision ``baseline``,
+    with the tolerances of the ``check:`` ``section``. With ``status``, ``dvc status`` must be clean.
+    Raise one FusionError listing every reason the check cannot be made."""
+    default, per_fusion = tolerances(section, where)
+    problems = []
+    if status:
+        stale = stale_stages()
+        if stale:
+            problems.append(f"pipeline is stale: dvc status lists {', '.join(stale)} "
+                            "(run dvc repro, then check)")
+    try:
+        before = metrics_json(git_show(baseline, metrics), f"baseline {baseline}:{metrics}")
+    except FusionError as e:
+        problems.append(str(e))
+    if not metrics.is_file():
+        problems.append(f"{metrics}: not found (run dvc repro first)")
+    if problems:
+        raise FusionError("\n".join(problems))
+    now = metrics_json(metrics.read_text(), str(metrics))
+    return compare(now, before, default, per_fusion)
+
+
+def git_show(rev: str, path: Path) -> str:
+    """The text of ``path`` (relative to the current directory) at git revision ``rev``."""
+    known = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"],
+                           capture_output=True, text=True)
+    if known.returncode != 0:
+        raise FusionError(f"baseline {rev}: not a git revision here (fetch it first, e.g. git fetch origin main)")
+    if path.is_absolute():
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True).stdout.strip()
+        spec = f"{rev}:{path.resolve().relative_to(Path(top).resolve()).as_posix()}"
+    else:
+        spec = f"{rev}:./{path.as_posix()}"  # relative to the current directory
+    shown = subprocess.run(["git", "show", spec], capture_output=True, text=True)
+    if shown.returncode != 0:
+        raise FusionError(f"baseline {rev}: has no {path} (commit the metrics of a pipeline run there; "
+                          "without a baseline the check fails rather than pass silently)")
+    return shown.stdout
+
+
+def metrics_json(text: str, where: str) -> dict:
+    """A metrics file's text, parsed and checked to hold fusion metrics."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise FusionError(f"{where}: not valid JSON ({e.msg})") from None
+    fusion_metrics(data, where)
+    return data
+
+
+def stale_stages() -> list[str]:
+    """The stages ``dvc status`` lists as changed (empty when the pipeline is up to date)."""
+    exe = Path(sys.executable).parent / "dvc"
+    r = subprocess.run([str(exe) if exe.exists() else "dvc", "status", "--json"], capture_output=True, text=True)
+    lines = [line for line in r.stdout.splitlines() if line.startswith("{")]
+    if r.returncode != 0 or not lines:
+        why = (r.stderr.strip().splitlines() or ["no output"])[-1]
+        raise FusionError(f"dvc status failed: {why}")
+    return sorted(json.loads(lines[-1]))

@@ -12,14 +12,14 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-import yaml
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from pipeline.errors import FusionError
 from pipeline.methods.registry import method_list
+
+# Imports that only some commands need (yaml, rich's progress and tables, the library) sit inside
+# the functions that use them, so `fusion --help` and `fusion validate` start quickly.
 
 app = typer.Typer(
     name="fusion",
@@ -66,6 +66,8 @@ def main() -> None:
 
 def progress_bar(description: str):
     """A rich progress bar on stderr; returns (Progress, callback(done, total))."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn(), console=err, transient=False, disable=not err.is_terminal)
     task = bar.add_task(description, total=None)
@@ -80,6 +82,8 @@ def progress_bar(description: str):
 
 def parse_list(text: str | None, what: str):
     """``0.7,0.3`` or ``[0.7, 0.3]`` or ``[[1, 0.5], [0, 0.5]]`` (per-layer lists) or ``0.5``."""
+    import yaml
+
     from pipeline.params import yaml_load
 
     if text is None:
@@ -96,6 +100,8 @@ def parse_list(text: str | None, what: str):
 
 def parse_rules(rules: list[str] | None) -> list[dict]:
     """``--rule 'self_attn: {weights: [0.9, 0.1], density: 0.5}'`` -> [{match, ...}]."""
+    import yaml
+
     from pipeline.params import yaml_load
 
     parsed = []
@@ -159,7 +165,9 @@ def _human(n: int) -> str:
     return str(n)
 
 
-def adapter_table(adapters, title: str, root: Path | None = None) -> Table:
+def adapter_table(adapters, title: str, root: Path | None = None):
+    from rich.table import Table
+
     from pipeline.validate import _span
 
     table = Table(title=escape(title))
@@ -272,53 +280,6 @@ def convert(
 
 # --- the regression gate and the weight search -------------------------------------------------
 
-def _git_show(rev: str, path: Path) -> str:
-    """The text of ``path`` (relative to the current directory) at git revision ``rev``."""
-    import subprocess
-
-    known = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"],
-                           capture_output=True, text=True)
-    if known.returncode != 0:
-        raise FusionError(f"baseline {rev}: not a git revision here (fetch it first, e.g. git fetch origin main)")
-    if path.is_absolute():
-        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True).stdout.strip()
-        spec = f"{rev}:{path.resolve().relative_to(Path(top).resolve()).as_posix()}"
-    else:
-        spec = f"{rev}:./{path.as_posix()}"  # relative to the current directory
-    shown = subprocess.run(["git", "show", spec], capture_output=True, text=True)
-    if shown.returncode != 0:
-        raise FusionError(f"baseline {rev}: has no {path} (commit the metrics of a pipeline run there; "
-                          "without a baseline the check fails rather than pass silently)")
-    return shown.stdout
-
-
-def _metrics_json(text: str, where: str) -> dict:
-    import json
-
-    from pipeline.check import fusion_metrics
-
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise FusionError(f"{where}: not valid JSON ({e.msg})") from None
-    fusion_metrics(data, where)
-    return data
-
-
-def _stale_stages() -> list[str]:
-    """The stages ``dvc status`` lists as changed (empty when the pipeline is up to date)."""
-    import json
-    import subprocess
-
-    exe = Path(sys.executable).parent / "dvc"
-    r = subprocess.run([str(exe) if exe.exists() else "dvc", "status", "--json"], capture_output=True, text=True)
-    lines = [line for line in r.stdout.splitlines() if line.startswith("{")]
-    if r.returncode != 0 or not lines:
-        why = (r.stderr.strip().splitlines() or ["no output"])[-1]
-        raise FusionError(f"dvc status failed: {why}")
-    return sorted(json.loads(lines[-1]))
-
-
 @app.command()
 def check(
     baseline: str = typer.Option(..., "--baseline", "-b", show_default=False,
@@ -335,33 +296,18 @@ def check(
     'check:' section; 1 with one 'regression:' line per figure that got worse; 2 when the check
     cannot be made: stale pipeline (`dvc status` not clean), baseline without metrics, bad tolerances.
     """
-    from pipeline.check import compare, to_markdown, tolerances
+    from rich.table import Table
+
+    from pipeline.check import could_not_run_markdown, gate, to_markdown
+    from pipeline.io import append_text
     from pipeline.params import load_params
 
     try:
-        default, per_fusion = tolerances(load_params(params).get("check"), f"{params}: check")
-        problems = []
-        if status:
-            stale = _stale_stages()
-            if stale:
-                problems.append(f"pipeline is stale: dvc status lists {', '.join(stale)} "
-                                "(run dvc repro, then check)")
-        try:
-            before = _metrics_json(_git_show(baseline, metrics), f"baseline {baseline}:{metrics}")
-        except FusionError as e:
-            problems.append(str(e))
-        if not metrics.is_file():
-            problems.append(f"{metrics}: not found (run dvc repro first)")
-        if problems:
-            raise FusionError("\n".join(problems))
-        now = _metrics_json(metrics.read_text(), str(metrics))
+        result = gate(baseline, metrics, load_params(params).get("check"), f"{params}: check", status)
     except FusionError as e:
         if summary is not None:
-            lines = "\n".join(f"- {line}" for line in str(e).splitlines())
-            with summary.open("a") as fh:
-                fh.write(f"## Fusion check against `{baseline}`: could not run\n\n{lines}\n")
+            append_text(summary, could_not_run_markdown(e, baseline))
         raise
-    result = compare(now, before, default, per_fusion)
 
     table = Table(title=f"fusion check against {baseline}")
     for col in ("fusion", "mean retention", "worst retention", "status"):
@@ -379,8 +325,7 @@ def check(
     for note in result.notes:
         out.print(f"note: {note}", highlight=False)
     if summary is not None:
-        with summary.open("a") as fh:
-            fh.write(to_markdown(result, baseline))
+        append_text(summary, to_markdown(result, baseline))
     if not result.ok:
         for r in result.regressions:
             err.print(f"[bold red]regression:[/] {r}", highlight=False, soft_wrap=True)
@@ -407,8 +352,8 @@ def search(
     `dvc exp run -S search.enabled=true` (the search stage writes the same files).
     """
     from pipeline.params import load_params, resolve
-    from pipeline.search import settings
-    from pipeline.stages.search import run_search, valid_split
+    from pipeline.plan import EvalSettings
+    from pipeline.search import run_search, settings
 
     raw = load_params(params)
     overrides = {k: v for k, v in (("fusion", fusion), ("budget", budget), ("seed", seed),
@@ -421,10 +366,9 @@ def search(
     if name not in p.fusions:
         raise FusionError(f"unknown fusion {name!r} (declared: {', '.join(p.fusions)})")
     f = p.fusions[name]
-    adapters = [(a, str(p.adapters[a].path)) for a in f.adapters]
-    valid = {a: valid_split(p.adapters[a].data, a) for a in f.adapters}
-    run_search(name, p.base_model, adapters, f.spec, valid, p.eval, s, out_dir,
-               log=lambda line: out.print(line, highlight=False))
+    run_search(name, p.base_model, [(a, str(p.adapters[a].path)) for a in f.adapters],
+               {a: p.adapters[a].data for a in f.adapters}, f.spec, EvalSettings.of(p.eval, str(params)), s,
+               out_dir, log=lambda line: out.print(line, highlight=False))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.errors import FusionError
 from pipeline.search import SETTINGS, search, settings, trace_figure, vector_weights, weights_vector
-from pipeline.stages.search import setting_text, valid_split
+from pipeline.search import setting_text, valid_split
 
 PEAK = (0.9, 0.2)
 

@@ -1,12 +1,10 @@
 """DVC stage scripts: thin typer commands, one per stage in ``dvc.yaml``.
 
-Each reads its own slice of ``params.yaml`` (or the plan ``validate`` wrote for it), calls the
-library and writes the paths its ``cmd`` names.
+Each reads its own slice of ``params.yaml`` (or the plan ``validate`` wrote for it, ``pipeline.plan``),
+calls the library and writes the paths its ``cmd`` names (through ``pipeline.io``).
 """
 
-import json
 import sys
-from pathlib import Path
 
 import typer
 
@@ -21,9 +19,3 @@ def run(app: typer.Typer) -> None:
         for line in str(e).splitlines():
             print(f"error: {line}", file=sys.stderr)
         sys.exit(2)
-
-
-def write_json(path: Path, obj) -> None:
-    """``obj`` as indented JSON with sorted keys (stable bytes run to run), creating the folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import typer
 
-from pipeline.stages import run, write_json
+from pipeline.io import atomic_dir, write_json
+from pipeline.stages import run
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -25,7 +26,6 @@ def main(params: Path = typer.Option(Path("params.yaml"), help="Reads its 'demo:
 
     from pipeline.demo import DemoConfig, build_demo
     from pipeline.errors import FusionError
-    from pipeline.formats import atomic_dir
     from pipeline.params import load_params
 
     section = dict(load_params(params).get("demo") or {})

@@ -7,23 +7,23 @@ fused adapter on the tasks of the adapters it was built from. Both also answer t
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
 
-from pipeline.stages import run, write_json
+from pipeline.stages import run
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True)
 
 
-def _score(plan: dict, adapter: str | None, label: str) -> dict:
+def _score(plan, adapter: str | None, label: str) -> dict:
+    """Scores of the base model with ``adapter`` on the plan's tasks (an EvalPlan or BaselinesPlan)."""
     from rich.progress import Progress
 
     from pipeline.evaluate import evaluate, generate_samples
 
-    ev = plan["eval"]
-    tasks = {name: Path(t["data"]) for name, t in plan["tasks"].items() if t["data"]}
+    ev = plan.eval
+    tasks = {name: Path(t.data) for name, t in plan.tasks.items() if t.data}
     with Progress(transient=True) as bar:
         ids: dict[tuple, int] = {}
 
@@ -33,12 +33,11 @@ def _score(plan: dict, adapter: str | None, label: str) -> dict:
                 ids[key] = bar.add_task(f"{label}: {task} {stage}", total=total)
             bar.update(ids[key], completed=done)
 
-        result = evaluate(plan["base_model"], adapter, tasks, max_examples=ev["max_examples"],
-                          max_tokens=ev["max_tokens"], batch_size=ev["batch_size"], progress=progress)
-    prompts = plan.get("prompts") or []
-    if prompts:
-        answers = generate_samples(plan["base_model"], adapter, prompts, ev["max_tokens"])
-        result["generations"] = dict(zip(prompts, answers))
+        result = evaluate(plan.base_model, adapter, tasks, max_examples=ev.max_examples,
+                          max_tokens=ev.max_tokens, batch_size=ev.batch_size, progress=progress)
+    if plan.prompts:
+        answers = generate_samples(plan.base_model, adapter, plan.prompts, ev.max_tokens)
+        result["generations"] = dict(zip(plan.prompts, answers))
     return result
 
 
@@ -46,12 +45,15 @@ def _score(plan: dict, adapter: str | None, label: str) -> dict:
 def baselines(plan: Path = typer.Option(..., help="baselines.json written by the validate stage."),
               out: Path = typer.Option(..., help="Where to write the scores.")):
     """Score the base model and each source adapter on every task."""
-    job = json.loads(plan.read_text())
+    from pipeline.io import write_json
+    from pipeline.plan import BaselinesPlan
+
+    job = BaselinesPlan.read(plan)
     result = {"base": _score(job, None, "base"), "adapters": {}}
-    for name, a in job["adapters"].items():
-        result["adapters"][name] = _score(job, a["path"], name)
+    for name, a in job.adapters.items():
+        result["adapters"][name] = _score(job, a.path, name)
     write_json(out, result)
-    print(f"scored the base model and {len(job['adapters'])} adapter(s) on {len(job['tasks'])} task(s)")
+    print(f"scored the base model and {len(job.adapters)} adapter(s) on {len(job.tasks)} task(s)")
 
 
 @app.command()
@@ -59,9 +61,12 @@ def fusion(plan: Path = typer.Option(..., help="NAME.eval.json written by the va
            adapter: Path = typer.Option(..., help="The fused adapter directory."),
            out: Path = typer.Option(..., help="Where to write the scores.")):
     """Score one fused adapter on the tasks of its source adapters."""
-    job = json.loads(plan.read_text())
-    write_json(out, _score(job, str(adapter), job["fusion"]))
-    print(f"scored {job['fusion']} on {len(job['tasks'])} task(s)")
+    from pipeline.io import write_json
+    from pipeline.plan import EvalPlan
+
+    job = EvalPlan.read(plan)
+    write_json(out, _score(job, str(adapter), job.fusion))
+    print(f"scored {job.fusion} on {len(job.tasks)} task(s)")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ The weights of a fusion of ``n`` adapters are a vector of ``n * groups`` numbers
 interpolated in between (the per-layer weight lists of ``pipeline.fuse``). ``weights_vector`` and
 ``vector_weights`` convert both ways.
 
-Nothing here fuses or evaluates: the caller's objective does (``pipeline/stages/search.py`` fuses
+Nothing here fuses or evaluates: the caller's objective does (``pipeline/search/run.py`` fuses
 into a temporary directory and scores retention on the validation sets).
 """
 

@@ -1,0 +1,107 @@
+"""The plans of the validate stage: written by the real stage, read back typed, refused when broken."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import yaml
+
+from conftest import make_mlx_adapter, sh
+from pipeline.errors import FusionError
+from pipeline.spec import FusionSpec
+from pipeline.io import json_text
+from pipeline.plan import AdapterRef, BaselinesPlan, EvalPlan, EvalSettings, FusePlan, TaskSet
+
+
+@pytest.fixture
+def validated(tmp_path):
+    """A small project (two real adapters with evaluation sets) and the plans its validate stage wrote."""
+    for i, name in enumerate(("up", "inc")):
+        make_mlx_adapter(tmp_path / "adapters" / name, rank=2 + i, seed=i, model="tiny/base")
+        data = tmp_path / "data" / name
+        data.mkdir(parents=True)
+        (data / "test.jsonl").write_text(json.dumps({"prompt": f"{name} a", "completion": "b"}) + "\n")
+    params = {
+        "base_model": "tiny/base",
+        "adapters": {n: {"path": f"adapters/{n}", "data": f"data/{n}"} for n in ("up", "inc")},
+        "weights": [0.5, 0.5],
+        "fusions": {"average": {"adapters": ["up", "inc"]},
+                    "ties": {"adapters": ["up", "inc"], "method": "ties", "density": 0.5}},
+        "eval": {"max_tokens": 4},
+        "prompts": ["up hello"],
+    }
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh(sys.executable, "-m", "pipeline.stages.validate", "--params", "params.yaml", "--out", "validated",
+       cwd=tmp_path)
+    return tmp_path
+
+
+def test_plans_read_back_typed_and_write_the_same_bytes(validated):
+    out = validated / "validated"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "average.eval.json", "average.fuse.json", "baselines.json", "ties.eval.json", "ties.fuse.json"]
+    fuse = FusePlan.read(out / "ties.fuse.json")
+    assert fuse.fusion == "ties" and [a.name for a in fuse.adapters] == ["up", "inc"]
+    assert isinstance(fuse.adapters[0], AdapterRef) and len(fuse.adapters[0].sha256) == 64
+    assert isinstance(fuse.spec, FusionSpec) and fuse.spec.method == "ties" and fuse.spec.density == 0.5
+    ev = EvalPlan.read(out / "average.eval.json")
+    assert ev.eval == EvalSettings(max_examples=100, max_tokens=4, batch_size=32)
+    assert ev.tasks["up"] == TaskSet("data/up/test.jsonl", ev.tasks["up"].sha256)
+    assert ev.base == {"id": "tiny/base"} and ev.prompts == ["up hello"]
+    base = BaselinesPlan.read(out / "baselines.json")
+    assert set(base.adapters) == set(base.tasks) == {"up", "inc"}
+    for path, plan in ((out / "ties.fuse.json", fuse), (out / "average.eval.json", ev),
+                       (out / "baselines.json", base)):
+        assert json_text(plan.to_json()) == path.read_text()
+
+
+def _broken(path, change) -> None:
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("change, cls, name, message", [
+    (lambda d: d["adapters"][1].pop("sha256"), FusePlan, "ties.fuse.json", "missing key 'adapters[1].sha256'"),
+    (lambda d: d["spec"].pop("method"), FusePlan, "ties.fuse.json", "missing key 'spec.method'"),
+    (lambda d: d.update(extra=1), FusePlan, "ties.fuse.json", "unknown key 'extra'"),
+    (lambda d: d["spec"].update(dens=1), FusePlan, "ties.fuse.json", "unknown key 'spec.dens'"),
+    (lambda d: d.update(adapters={}), FusePlan, "ties.fuse.json", "adapters: expected list"),
+    (lambda d: d["eval"].update(max_tokens="4"), EvalPlan, "ties.eval.json", "eval.max_tokens: expected int"),
+    (lambda d: d["tasks"]["up"].pop("data"), EvalPlan, "ties.eval.json", "missing key 'tasks.up.data'"),
+    (lambda d: d["adapters"]["inc"].update(path=None), BaselinesPlan, "baselines.json",
+     "adapters.inc.path: expected str"),
+    (lambda d: d.pop("prompts"), BaselinesPlan, "baselines.json", "missing key 'prompts'"),
+])
+def test_a_broken_plan_is_refused_naming_the_file_and_the_key(validated, change, cls, name, message):
+    path = validated / "validated" / name
+    _broken(path, change)
+    with pytest.raises(FusionError) as e:
+        cls.read(path)
+    assert str(e.value).startswith(f"{path}: ") and message in str(e.value)
+
+
+def test_a_missing_or_unreadable_plan_is_refused(validated):
+    missing = validated / "validated" / "nope.fuse.json"
+    with pytest.raises(FusionError, match="nope.fuse.json: not found"):
+        FusePlan.read(missing)
+    garbled = validated / "validated" / "ties.eval.json"
+    garbled.write_text("{not json")
+    with pytest.raises(FusionError, match="ties.eval.json: not a readable plan"):
+        EvalPlan.read(garbled)
+    listed = validated / "validated" / "baselines.json"
+    listed.write_text("[]")
+    with pytest.raises(FusionError, match="baselines.json: the file: expected a mapping"):
+        BaselinesPlan.read(listed)
+
+
+def test_the_fuse_stage_turns_a_broken_plan_into_one_error_line(validated):
+    plan = validated / "validated" / "average.fuse.json"
+    _broken(plan, lambda d: d["adapters"][0].pop("path"))
+    r = sh(sys.executable, "-m", "pipeline.stages.fuse", "--plan", plan, "--out", "fused/average",
+           "--record", "fusions/average/fusion.json", cwd=validated, check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.splitlines() == [f"error: {plan}: missing key 'adapters[0].path' (re-run the validate stage)"]
+    assert not (validated / "fused").exists() and not (validated / "fusions").exists()
