@@ -10,13 +10,8 @@ Measured on 2 cores: 1024x1024 sgemm 5.5 -> 170 GFLOP/s. Without a compiler, or 
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 _SHIM = r"""
@@ -58,6 +53,11 @@ def pin_kernels() -> None:
 
 
 def _build(libdir: Path) -> Path | None:
+    import hashlib  # here, not at the top: importing the package (pin_kernels) stays cheap
+    import shutil
+    import subprocess
+    import tempfile
+
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         return None
@@ -97,6 +97,8 @@ def enable() -> bool:
     shim = _build(libdir)
     if shim is None:
         return active
+    import ctypes
+
     try:
         ctypes.CDLL(str(shim), mode=ctypes.RTLD_GLOBAL)
     except OSError:

@@ -88,7 +88,11 @@ def _openblas_libs() -> list[tuple]:
 
 @contextmanager
 def blas_threads(n: int):
-    """Run the block with OpenBLAS limited to ``n`` threads, then restore the previous counts."""
+    """Run the block with OpenBLAS limited to ``n`` threads, then restore the previous counts.
+    The fast-BLAS shim is loaded first (``pipeline._blas``), so MLX's OpenBLAS is held down too."""
+    from pipeline import _blas
+
+    _blas.enable()
     libs = _openblas_libs()
     before = [get() for _, get in libs]
     for set_, _ in libs:
