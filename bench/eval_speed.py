@@ -24,15 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 import pipeline  # noqa: E402,F401  (fast BLAS for MLX before mlx is imported)
 from pipeline.errors import FusionError  # noqa: E402
-
-
-def data_file(data: Path) -> Path:
-    if data.is_file():
-        return data
-    for split in ("test.jsonl", "valid.jsonl"):
-        if (data / split).is_file():
-            return data / split
-    raise FusionError(f"{data}: no test.jsonl or valid.jsonl")
+from pipeline.plan import eval_set  # noqa: E402
 
 
 def _shown(p: Path) -> str:
@@ -74,7 +66,7 @@ def main() -> None:
         if decl.data is None:
             continue
         adapter = demo / "adapters" / name if demo is not None else at(decl.path)
-        path = data_file(demo / "data" / name if demo is not None else at(decl.data))
+        path = eval_set(demo / "data" / name if demo is not None else at(decl.data), name)
         examples = load_examples(path, ev["max_examples"])
         if "completion" in examples[0]:
             break

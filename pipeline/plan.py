@@ -22,59 +22,9 @@ EVAL_PLAN = "{}.eval.json"
 BASELINES_PLAN = "baselines.json"
 
 
-def _keys(cls, value, file: str, key: str) -> dict:
-    """``value`` checked to be a mapping with exactly the fields of the dataclass ``cls``."""
-    if not isinstance(value, dict):
-        raise FusionError(f"{file}: {key or 'the file'}: expected a mapping, got {type(value).__name__}")
-    names = [f.name for f in fields(cls)]
-    for name in names:
-        if name not in value:
-            raise FusionError(f"{file}: missing key {_join(key, name)!r} (re-run the validate stage)")
-    for name in value:
-        if name not in names:
-            raise FusionError(f"{file}: unknown key {_join(key, name)!r} (known: {', '.join(names)})")
-    return value
-
-
-def _join(key: str, name) -> str:
-    return f"{key}.{name}" if key else str(name)
-
-
-def _read(tp, value, file: str, key: str):
-    """``value`` (parsed JSON) checked against the type ``tp``; a dataclass is built field by field
-    (a field's ``metadata["read"]`` reads it instead of its type)."""
-    if is_dataclass(tp):
-        d = _keys(tp, value, file, key)
-        return tp(**{f.name: f.metadata.get("read", _read_as(f.type))(d[f.name], file, _join(key, f.name))
-                     for f in fields(tp)})
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _read(inner[0], value, file, key)
-    want = origin or tp
-    if not isinstance(value, want) or (want is int and isinstance(value, bool)):
-        raise FusionError(f"{file}: {key}: expected {want.__name__}, got {repr(value)[:60]}")
-    if want is list and args:
-        return [_read(args[0], v, file, f"{key}[{i}]") for i, v in enumerate(value)]
-    if want is dict and args:
-        return {k: _read(args[1], v, file, _join(key, k)) for k, v in value.items()}
-    return value
-
-
-def _read_as(tp):
-    return lambda value, file, key: _read(tp, value, file, key)
-
-
-def _read_spec(value, file: str, key: str):
-    """A FusionSpec: every field present; the values are checked where the fusion starts (check_spec)."""
-    from pipeline.spec import FusionSpec
-
-    return FusionSpec(**_keys(FusionSpec, value, file, key))
-
-
 class _Plan:
+    """What every plan does: give its file's content, and read (and check) a file."""
+
     def to_json(self) -> dict:
         """The plan file's content."""
         return asdict(self)
@@ -120,6 +70,13 @@ class EvalSettings:
         return _read(cls, section, where, "eval")
 
 
+def _read_spec(value, file: str, key: str):
+    """A FusionSpec: every field present; the values are checked where the fusion starts (check_spec)."""
+    from pipeline.spec import FusionSpec
+
+    return FusionSpec(**_keys(FusionSpec, value, file, key))
+
+
 @dataclass(frozen=True)
 class FusePlan(_Plan):
     """``NAME.fuse.json``: what ``fuse@NAME`` fuses, and how."""
@@ -130,6 +87,7 @@ class FusePlan(_Plan):
 
 @dataclass(frozen=True)
 class _Scoring(_Plan):
+    """What both scoring stages read: the base model, how to score, the prompts, the tasks."""
     base_model: str
     base: dict  # what identifies the base model (see base_identity)
     eval: EvalSettings
@@ -151,9 +109,56 @@ class BaselinesPlan(_Scoring):
 
 @dataclass
 class Plans:
+    """Every plan of one params.yaml, by fusion name."""
     fuse: dict[str, FusePlan]
     eval: dict[str, EvalPlan]
     baselines: BaselinesPlan
+
+
+# --- checking a plan against its types ---------------------------------------------------------
+
+def _keys(cls, value, file: str, key: str) -> dict:
+    """``value`` checked to be a mapping with exactly the fields of the dataclass ``cls``."""
+    if not isinstance(value, dict):
+        raise FusionError(f"{file}: {key or 'the file'}: expected a mapping, got {type(value).__name__}")
+    names = [f.name for f in fields(cls)]
+    for name in names:
+        if name not in value:
+            raise FusionError(f"{file}: missing key {_join(key, name)!r} (re-run the validate stage)")
+    for name in value:
+        if name not in names:
+            raise FusionError(f"{file}: unknown key {_join(key, name)!r} (known: {', '.join(names)})")
+    return value
+
+
+def _join(key: str, name) -> str:
+    return f"{key}.{name}" if key else str(name)
+
+
+def _read(tp, value, file: str, key: str):
+    """``value`` (parsed JSON) checked against the type ``tp``; a dataclass is built field by field
+    (a field's ``metadata["read"]`` reads it instead of its type)."""
+    if is_dataclass(tp):
+        d, values = _keys(tp, value, file, key), {}
+        for f in fields(tp):
+            read = f.metadata.get("read")
+            at = _join(key, f.name)
+            values[f.name] = read(d[f.name], file, at) if read else _read(f.type, d[f.name], file, at)
+        return tp(**values)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _read(inner[0], value, file, key)
+    want = origin or tp
+    if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+        raise FusionError(f"{file}: {key}: expected {want.__name__}, got {repr(value)[:60]}")
+    if want is list and args:
+        return [_read(args[0], v, file, f"{key}[{i}]") for i, v in enumerate(value)]
+    if want is dict and args:
+        return {k: _read(args[1], v, file, _join(key, k)) for k, v in value.items()}
+    return value
 
 
 # --- building the plans from params.yaml ---------------------------------------------------------
