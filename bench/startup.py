@@ -3,8 +3,9 @@
 Each command runs as a fresh process, the commands interleaved round after round (the order
 rotating), so that a busy machine slows all of them alike; prints the median wall time of each and
 the ratio of ``fusion --help`` to ``import typer``. Also shown: ``import typer.rich_utils`` (the
-part of typer that draws the help; ``fusion --help`` cannot start faster than that), importing the
-command line, and ``fusion validate`` on two tiny adapters.
+part of typer that draws the help with rich; ``fusion --help`` cannot start faster than that), the
+same help drawn plain by click (``TYPER_USE_RICH=0``), importing the command line, and
+``fusion validate`` on two tiny adapters.
 
     .venv/bin/python bench/startup.py                 # 15 runs of each
     .venv/bin/python bench/startup.py --runs 31 --baseline main   # and the same with revision main
@@ -52,6 +53,7 @@ def commands(adapters: list[str], baseline: Path | None, rev: str) -> dict[str, 
         "import typer.rich_utils": ([PY, "-c", "import typer, typer.rich_utils"], env),
         'python -c "import pipeline.cli"': ([PY, "-c", "import pipeline.cli"], env),
         "fusion --help": ([FUSION, "--help"], env),
+        "fusion --help, plain (TYPER_USE_RICH=0)": ([FUSION, "--help"], dict(env, TYPER_USE_RICH="0")),
         "fusion validate (2 tiny adapters)": ([FUSION, "validate", *adapters], env),
     }
     if baseline is not None:
@@ -107,7 +109,9 @@ def main() -> None:
     typer_s = statistics.median(times['python -c "import typer"'])
     ratio = statistics.median(times["fusion --help"]) / typer_s
     floor = statistics.median(times["import typer.rich_utils"]) / typer_s
-    print(f"fusion --help / import typer: {ratio:.2f}x (typer's help drawing alone: {floor:.2f}x)")
+    plain = statistics.median(times["fusion --help, plain (TYPER_USE_RICH=0)"]) / typer_s
+    print(f"fusion --help / import typer: {ratio:.2f}x (importing typer's rich help alone: {floor:.2f}x; "
+          f"plain help: {plain:.2f}x)")
 
 
 if __name__ == "__main__":
