@@ -34,10 +34,12 @@ def _score(plan: dict, adapter: str | None, label: str) -> dict:
             bar.update(ids[key], completed=done)
 
         result = evaluate(plan["base_model"], adapter, tasks, max_examples=ev["max_examples"],
-                          max_tokens=ev["max_tokens"], batch_size=ev["batch_size"], progress=progress)
+                          max_tokens=ev["max_tokens"], batch_size=ev["batch_size"], progress=progress,
+                          system_prompt=ev.get("system_prompt"))
     prompts = plan.get("prompts") or []
     if prompts:
-        answers = generate_samples(plan["base_model"], adapter, prompts, ev["max_tokens"])
+        answers = generate_samples(plan["base_model"], adapter, prompts, ev["max_tokens"],
+                                   system_prompt=ev.get("system_prompt"))
         result["generations"] = dict(zip(prompts, answers))
     return result
 
