@@ -6,7 +6,8 @@ For each prepared base model of the real-model project (``real/models/base-q4`` 
 ``pipeline.evaluate.greedy_generate`` (batched, KV cache) on that adapter's test split, and prints
 the medians of ``--runs`` runs after a warm-up as examples per second.
 
-    python bench/real_eval.py [--project real] [--examples 20] [--runs 3] [--json]
+    python bench/real_eval.py [--project real] [--examples 20] [--runs 3] [--dtypes q4 float32]
+                              [--base-only] [--json]
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import pipeline  # noqa: E402,F401  (fast BLAS for MLX before mlx is imported)
 from pipeline.errors import FusionError  # noqa: E402
 
 
-def measure(base: Path, adapter: Path, data: Path, n: int, runs: int, batch: int, max_tokens: int,
+def measure(base: Path, adapter: Path | None, data: Path, n: int, runs: int, batch: int, max_tokens: int,
             system: str | None) -> dict:
     from pipeline.evaluate import encode_example, greedy_generate, load_examples, load_model, set_loss
 
@@ -56,6 +57,8 @@ def main() -> None:
     ap.add_argument("--examples", type=int, default=20)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--json", action="store_true", help="one JSON line per model")
+    ap.add_argument("--dtypes", nargs="*", help="models to measure (default: model.dtypes)")
+    ap.add_argument("--base-only", action="store_true", help="without the adapter")
     args = ap.parse_args()
 
     from pipeline.params import load_params
@@ -63,19 +66,20 @@ def main() -> None:
     raw = load_params(args.project / "params.yaml")
     ev = raw.get("eval") or {}
     name, decl = next(iter(raw["adapters"].items()))
-    for dtype in (raw.get("model") or {}).get("dtypes") or ["q4", "float32"]:
+    for dtype in args.dtypes or (raw.get("model") or {}).get("dtypes") or ["q4", "float32"]:
         base = args.project / "models" / f"base-{dtype}"
         if not (base / "config.json").is_file():
             raise FusionError(f"{base}: not built; run `dvc repro model` in {args.project}")
-        r = measure(base, args.project / decl["path"], args.project / decl["data"], args.examples,
+        adapter = None if args.base_only else args.project / decl["path"]
+        r = measure(base, adapter, args.project / decl["data"], args.examples,
                     args.runs, int(ev.get("batch_size", 20)), int(ev.get("max_tokens", 12)),
                     ev.get("system_prompt"))
-        r["adapter"] = name
+        r["adapter"] = None if args.base_only else name
         if args.json:
             print(json.dumps(r), flush=True)
         else:
-            print(f"{dtype:>8}: {r['examples']} examples ({name}), batch {r['batch_size']}: loss "
-                  f"{r['loss_per_s']:.1f} examples/s, greedy generation {r['generate_per_s']:.2f} "
+            print(f"{dtype:>8}: {r['examples']} examples ({name}, {'base' if args.base_only else 'adapter'}), batch {r['batch_size']}: loss "
+                  f"{r['loss_per_s']:.3g} examples/s, greedy generation {r['generate_per_s']:.3g} "
                   f"examples/s (up to {r['max_tokens']} new tokens; exact match {r['accuracy']:.0%})",
                   flush=True)
 

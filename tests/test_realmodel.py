@@ -133,3 +133,16 @@ def test_a_file_that_is_not_gguf_is_one_clear_error(tmp_path):
     bad.write_bytes(b"not a gguf file")
     with pytest.raises(FusionError, match="bad.gguf: not a readable GGUF file"):
         gguf.read_gguf(bad)
+
+
+def test_evaluation_renders_the_system_prompt_instead_of_the_default(loaded):
+    from pipeline.evaluate import encode_example, prompt_tokens
+
+    _, tok = loaded
+    example = {"prompt": "Uppercase: red cat", "completion": "RED CAT"}
+    tokens, start, end = encode_example(tok, example, SYSTEM)
+    assert tokens[:start] == prompt_tokens(tok, example["prompt"], SYSTEM)
+    assert tok.decode(tokens[:start]).startswith(f"<|im_start|>system\n{SYSTEM}<|im_end|>")
+    assert tok.decode(tokens[start:end]) == "RED CAT<|im_end|>"
+    default, _, _ = encode_example(tok, example)
+    assert "SmolLM" in tok.decode(default) and len(default) > len(tokens)
