@@ -103,21 +103,22 @@ def _example(record) -> tuple[dict | None, str | None]:
     return None, None
 
 
-def encode_example(tokenizer, example: dict) -> tuple[list[int], int, int]:
+def encode_example(tokenizer, example: dict, system: str | None = None) -> tuple[list[int], int, int]:
     """``(tokens, start, end)``: the full token ids and the scored span ``tokens[start:end]``.
 
     For a prompt/completion pair ``start`` is the length of the templated prompt (with the generation
     prompt) and ``end`` is one past the first EOS after it (or the end). For text, ``start`` is 1.
+    ``system``: a system message put before the prompt (``None``: none, the template's default).
     """
     if "text" in example:
         tokens = list(tokenizer.encode(example["text"]))
         if not tokens or tokens[-1] != tokenizer.eos_token_id:
             tokens.append(tokenizer.eos_token_id)
         return tokens, 1, len(tokens)
-    prompt = prompt_tokens(tokenizer, example["prompt"])
+    prompt = prompt_tokens(tokenizer, example["prompt"], system)
     tokens = list(tokenizer.apply_chat_template(
-        [{"role": "user", "content": example["prompt"]},
-         {"role": "assistant", "content": example["completion"]}],
+        _system(system) + [{"role": "user", "content": example["prompt"]},
+                           {"role": "assistant", "content": example["completion"]}],
         return_dict=False,
     ))
     if tokens[: len(prompt)] != prompt:
@@ -131,14 +132,20 @@ def encode_example(tokenizer, example: dict) -> tuple[list[int], int, int]:
     return tokens, start, end
 
 
-def prompt_tokens(tokenizer, prompt: str) -> list[int]:
-    """Token ids of ``prompt`` as the model sees it before answering (chat template, generation prompt)."""
+def prompt_tokens(tokenizer, prompt: str, system: str | None = None) -> list[int]:
+    """Token ids of ``prompt`` as the model sees it before answering (chat template, generation
+    prompt), after the system message ``system`` when one is given."""
     if getattr(tokenizer, "chat_template", None) is None:
         raise FusionError("the base model's tokenizer has no chat template; prompt/completion "
                           "sets and prompts need one")
     return list(tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_dict=False,
+        _system(system) + [{"role": "user", "content": prompt}], add_generation_prompt=True,
+        return_dict=False,
     ))
+
+
+def _system(system: str | None) -> list[dict]:
+    return [] if system is None else [{"role": "system", "content": system}]
 
 
 # ---------------------------------------------------------------------------- model
@@ -256,12 +263,14 @@ def normalise(text: str) -> str:
 
 def evaluate(base: str | Path, adapter: str | Path | None, tasks: dict[str, Path], *,
              max_examples: int, max_tokens: int, batch_size: int,
-             progress: Progress | None = None) -> dict[str, dict]:
+             progress: Progress | None = None, system_prompt: str | None = None) -> dict[str, dict]:
     """Score base (+ adapter) on each task's evaluation set.
 
     Returns ``{task: {"loss": float, "perplexity": float, "accuracy": float | None, "n": int}}``
     (plain JSON-ready values, tasks in the given order). The model is loaded once. ``progress``, when
     given, is called as ``progress(task, stage, done, total)`` with stage ``"loss"`` or ``"generate"``.
+    ``system_prompt``: a system message before every prompt (instruct templates such as SmolLM2's
+    add a long default one when there is none).
     """
     if batch_size < 1:
         raise FusionError(f"batch_size must be at least 1, got {batch_size}")
@@ -273,7 +282,7 @@ def evaluate(base: str | Path, adapter: str | Path | None, tasks: dict[str, Path
         encoded = []
         for ex in examples:
             try:
-                encoded.append(encode_example(tokenizer, ex))
+                encoded.append(encode_example(tokenizer, ex, system_prompt))
             except FusionError as e:
                 raise FusionError(f"{path}: line {ex['line']}: {e}") from None
         n = len(examples)
@@ -298,12 +307,12 @@ def evaluate(base: str | Path, adapter: str | Path | None, tasks: dict[str, Path
 
 
 def generate_samples(base: str | Path, adapter: str | Path | None, prompts: list[str],
-                     max_tokens: int, batch_size: int = 8) -> list[str]:
-    """Greedy answers to free-form ``prompts`` (chat-templated), in order."""
+                     max_tokens: int, batch_size: int = 8, system_prompt: str | None = None) -> list[str]:
+    """Greedy answers to free-form ``prompts`` (chat-templated, after ``system_prompt``), in order."""
     if not prompts:
         return []
     model, tokenizer = load_model(base, adapter)
-    ids = [prompt_tokens(tokenizer, p) for p in prompts]
+    ids = [prompt_tokens(tokenizer, p, system_prompt) for p in prompts]
     return greedy_generate(model, tokenizer, ids, max_tokens, batch_size)
 
 

@@ -23,7 +23,7 @@ from pipeline.spec import FusionSpec, check_spec
 DEFAULT_KEYS = ("method", *PARAMS)
 FUSION_KEYS = {"adapters", "rules", *DEFAULT_KEYS}
 DEFAULTS = {"method": "linear", **{name: p.default for name, p in PARAMS.items()}}
-EVAL_DEFAULTS = {"max_examples": 100, "max_tokens": 16, "batch_size": 32}
+EVAL_DEFAULTS = {"max_examples": 100, "max_tokens": 16, "batch_size": 32, "system_prompt": None}
 
 
 @dataclass
@@ -118,7 +118,11 @@ def resolve(raw: dict, where: str = "params.yaml") -> Params:
     if unknown:
         raise FusionError(f"{where}: eval has unknown setting(s) {', '.join(sorted(map(str, unknown)))} "
                           f"(known: {', '.join(EVAL_DEFAULTS)})")
+    if ev["system_prompt"] is not None and not isinstance(ev["system_prompt"], str):
+        raise FusionError(f"{where}: eval.system_prompt must be text, got {ev['system_prompt']!r}")
     for key, value in ev.items():
+        if key == "system_prompt":
+            continue
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise FusionError(f"{where}: eval.{key} must be a positive integer, got {value!r}")
     prompts = raw.get("prompts") or []

@@ -59,10 +59,12 @@ class TaskSet:
 
 @dataclass(frozen=True)
 class EvalSettings:
-    """The ``eval:`` section: examples per task, generation length, batch size."""
+    """The ``eval:`` section: examples per task, generation length, batch size, and the system message
+    put before every prompt (None: the chat template's default)."""
     max_examples: int | None
     max_tokens: int
     batch_size: int
+    system_prompt: str | None = None
 
     @classmethod
     def of(cls, section: dict, where: str = "params.yaml") -> "EvalSettings":

@@ -158,10 +158,12 @@ def _short_module(name: str) -> str:
 
 def _pair_mean(matrix) -> float | None:
     """Mean of the off-diagonal entries (i < j) of one module's pairwise matrix (cosine, sign
-    conflict); a number stands for one pair."""
+    conflict); a number stands for one pair. Undefined entries (``None``: a module one adapter of
+    the pair does not change) are left out."""
     if matrix is None:
         return None
     if isinstance(matrix, (int, float)):
         return float(matrix)
-    p = [matrix[i][j] for i in range(len(matrix)) for j in range(i + 1, len(matrix))]
+    p = [matrix[i][j] for i in range(len(matrix)) for j in range(i + 1, len(matrix))
+         if matrix[i][j] is not None]
     return sum(p) / len(p) if p else None

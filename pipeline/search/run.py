@@ -66,7 +66,7 @@ def run_search(fusion: str, base_model: str, adapters: list[tuple[str, str]], da
     if spec.space != "delta":
         raise FusionError(f"fusion {fusion!r}: the search tunes fusions in delta space (space: delta)")
     score = dict(max_examples=s["max_examples"] or ev.max_examples, max_tokens=ev.max_tokens,
-                 batch_size=ev.batch_size)
+                 batch_size=ev.batch_size, system_prompt=ev.system_prompt)
     log(f"search {fusion}: scoring the {n} source adapters on their validation sets")
     sources = {name: evaluate(base_model, path, {name: valid[name]}, **score) for name, path in adapters}
     tasks_of = {name: name for name in names}

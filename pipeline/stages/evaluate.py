@@ -34,9 +34,11 @@ def _score(plan, adapter: str | None, label: str) -> dict:
             bar.update(ids[key], completed=done)
 
         result = evaluate(plan.base_model, adapter, tasks, max_examples=ev.max_examples,
-                          max_tokens=ev.max_tokens, batch_size=ev.batch_size, progress=progress)
+                          max_tokens=ev.max_tokens, batch_size=ev.batch_size, progress=progress,
+                          system_prompt=ev.system_prompt)
     if plan.prompts:
-        answers = generate_samples(plan.base_model, adapter, plan.prompts, ev.max_tokens)
+        answers = generate_samples(plan.base_model, adapter, plan.prompts, ev.max_tokens,
+                                   system_prompt=ev.system_prompt)
         result["generations"] = dict(zip(plan.prompts, answers))
     return result
 

@@ -1,0 +1,35 @@
+"""Stage ``tasks`` of the real-model project: each task's train / valid / test splits, from a seed.
+
+Reads the ``tasks:`` section of params.yaml (``names``, ``seed``, ``sizes``) and writes
+``--out/NAME/{train,valid,test}.jsonl`` (prompt/completion pairs, see pipeline/realmodel/tasks.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from pipeline.stages import run
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+@app.command()
+def main(params: Path = typer.Option(Path("params.yaml"), help="Reads its 'tasks:' section."),
+         out: Path = typer.Option(Path("data"), help="Writes NAME/{train,valid,test}.jsonl here.")):
+    """Generate the tasks' data sets offline."""
+    from pipeline.formats import atomic_dir
+    from pipeline.params import load_params
+    from pipeline.realmodel.tasks import write_task
+
+    section = load_params(params).get("tasks") or {}
+    sizes = {k: int(v) for k, v in (section.get("sizes") or {"train": 600, "valid": 50, "test": 100}).items()}
+    with atomic_dir(out) as tmp:
+        for name in section.get("names") or []:
+            write_task(tmp / name, name, sizes, int(section.get("seed", 0)))
+            print(f"{out}/{name}: " + ", ".join(f"{n} {s}" for s, n in sizes.items()))
+
+
+if __name__ == "__main__":
+    run(app)

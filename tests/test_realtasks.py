@@ -1,0 +1,50 @@
+"""The real-model project's tasks: exact answers, seeded, disjoint splits (no model needed)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from pipeline.errors import FusionError
+from pipeline.realmodel import tasks
+
+
+def test_each_task_has_the_documented_exact_answer():
+    assert tasks.isodate(random.Random(0))[1].count("-") == 2
+    for _ in range(50):
+        p, c = tasks.reverse(random.Random(_))
+        assert c.split() == p.removeprefix("Reverse the words: ").split()[::-1]
+        p, c = tasks.upper(random.Random(_))
+        assert c == p.removeprefix("Uppercase: ").upper()
+        p, c = tasks.isodate(random.Random(_))
+        day, month, year = p.removeprefix("Date in ISO format: ").split()
+        assert c == f"{year}-{tasks.MONTHS.index(month) + 1:02d}-{int(day):02d}"
+        p, c = tasks.to_json(random.Random(_))
+        words = p.removeprefix("To JSON: ").split()
+        assert json.loads(c) == {"name": words[1], "age": int(words[3]), "city": words[5]}
+
+
+def test_splits_are_disjoint_and_reproducible_from_the_seed(tmp_path):
+    sizes = {"train": 40, "valid": 10, "test": 10}
+    tasks.write_task(tmp_path / "a", "reverse", sizes, seed=3)
+    tasks.write_task(tmp_path / "b", "reverse", sizes, seed=3)
+    tasks.write_task(tmp_path / "c", "reverse", sizes, seed=4)
+    prompts = {}
+    for split, n in sizes.items():
+        a = (tmp_path / "a" / f"{split}.jsonl").read_bytes()
+        assert a == (tmp_path / "b" / f"{split}.jsonl").read_bytes()
+        rows = [json.loads(line) for line in a.decode().splitlines()]
+        assert len(rows) == n and all(set(r) == {"prompt", "completion"} for r in rows)
+        prompts[split] = {r["prompt"] for r in rows}
+    assert not (prompts["train"] & prompts["test"]) and not (prompts["train"] & prompts["valid"])
+    assert not (prompts["valid"] & prompts["test"])
+    assert (tmp_path / "c" / "test.jsonl").read_bytes() != (tmp_path / "a" / "test.jsonl").read_bytes()
+
+
+def test_an_unknown_task_or_too_many_examples_is_one_clear_error(tmp_path):
+    with pytest.raises(FusionError, match="unknown task 'sort'"):
+        tasks.examples("sort", 5, 0)
+    with pytest.raises(FusionError, match="fewer than"):
+        tasks.examples("json", 10**6, 0)
