@@ -35,14 +35,21 @@ class atomic_dir:
         self.out = Path(out)
 
     def __enter__(self) -> Path:
+        from pipeline.destination import clean_leftovers, start_partial
+
         self.out.parent.mkdir(parents=True, exist_ok=True)
+        clean_leftovers(self.out)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        start_partial(self.tmp)   # a killed run's directory is recognised, and removed, by the next
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
+        from pipeline.destination import finish_partial
+
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return False
+        finish_partial(self.tmp)
         self.tmp.chmod(0o755)
         old = None
         if self.out.exists():

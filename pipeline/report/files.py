@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from pathlib import Path
+
+from pipeline.io import json_text, write_file
 
 
 def to_json(obj) -> str:
     """Indented JSON, non-ASCII kept, NaN and infinities (not JSON) as null."""
-    return json.dumps(_finite(obj), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    return json_text(_finite(obj), sort_keys=False, ensure_ascii=False, allow_nan=False)
 
 
 def _finite(obj):
@@ -24,9 +24,5 @@ def _finite(obj):
 
 
 def write_atomic(path: Path, content: bytes | str) -> Path:
-    """Write through a temporary file and rename, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
-    os.replace(tmp, path)
-    return path
+    """Write through a temporary file and rename (``pipeline.io``), so a reader never sees half a file."""
+    return write_file(path, content)
