@@ -31,7 +31,7 @@ def tiny_adapters(where: Path) -> list[str]:
     """Two small mlx-lm adapters (2 layers x 2 modules, rank 4) for ``fusion validate``."""
     import numpy as np
 
-    from pipeline.formats import mlx_config, write_mlx
+    from pipeline.writers import mlx_config, write_mlx
 
     paths = []
     for seed in range(2):

@@ -23,7 +23,7 @@ __all__ = ["FusionError", "FusionSpec", "convert", "fuse", "read_adapter", "vali
 __version__ = "0.1.0"
 
 _HOME = {"FusionError": "pipeline.errors", "FusionSpec": "pipeline.spec", "fuse": "pipeline.fuse",
-         "convert": "pipeline.formats", "read_adapter": "pipeline.formats", "validate": "pipeline.validate"}
+         "convert": "pipeline.writers", "read_adapter": "pipeline.formats", "validate": "pipeline.validate"}
 
 
 class _Package(types.ModuleType):

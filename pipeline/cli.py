@@ -272,7 +272,7 @@ def convert(
     to: str = typer.Option(..., "--to", help="Target layout: mlx (mlx-lm) or peft.", show_default=False),
 ):
     """Convert an adapter between the PEFT and mlx-lm layouts (exact; rsLoRA honoured)."""
-    from pipeline.formats import convert as run
+    from pipeline.writers import convert as run
 
     result = run(adapter, out_dir, to)
     out.print(f"wrote {out_dir} ({result.layout} layout, {len(result.modules)} modules)", highlight=False)

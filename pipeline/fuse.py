@@ -19,7 +19,8 @@ import numpy as np
 
 from pipeline import geometry
 from pipeline.errors import FusionError
-from pipeline.formats import Adapter, mlx_config, output_num_layers, pad_rank, sha256_file, write_mlx
+from pipeline.formats import Adapter, sha256_file
+from pipeline.writers import mlx_config, output_num_layers, pad_rank, write_mlx
 from pipeline.io import atomic_dir, write_json
 from pipeline.methods import get_method, run_method
 from pipeline.spec import FusionSpec, check_spec, module_params

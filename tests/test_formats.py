@@ -7,7 +7,8 @@ import pytest
 
 from conftest import make_mlx_adapter, make_peft_adapter, module_shapes, tree_bytes
 from pipeline.errors import FusionError
-from pipeline.formats import convert, read_adapter
+from pipeline.formats import read_adapter
+from pipeline.writers import convert
 from pipeline.safetensors_io import SafetensorsFile, to_bf16_bits, write_file
 
 

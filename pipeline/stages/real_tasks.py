@@ -19,7 +19,7 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 def main(params: Path = typer.Option(Path("params.yaml"), help="Reads its 'tasks:' section."),
          out: Path = typer.Option(Path("data"), help="Writes NAME/{train,valid,test}.jsonl here.")):
     """Generate the tasks' data sets offline."""
-    from pipeline.formats import atomic_dir
+    from pipeline.io import atomic_dir
     from pipeline.params import load_params
     from pipeline.realmodel.tasks import write_task
 
