@@ -276,9 +276,11 @@ def metrics_json(text: str, where: str) -> dict:
 
 
 def stale_stages() -> list[str]:
-    """The stages ``dvc status`` lists as changed (empty when the pipeline is up to date)."""
+    """The stages of the pipeline in the current directory (its ``dvc.yaml``) that ``dvc status`` lists
+    as changed: empty when it is up to date. Other pipelines of the repository (``real/``) are theirs."""
     exe = Path(sys.executable).parent / "dvc"
-    r = subprocess.run([str(exe) if exe.exists() else "dvc", "status", "--json"], capture_output=True, text=True)
+    r = subprocess.run([str(exe) if exe.exists() else "dvc", "status", "--json", "dvc.yaml"],
+                       capture_output=True, text=True)
     lines = [line for line in r.stdout.splitlines() if line.startswith("{")]
     if r.returncode != 0 or not lines:
         why = (r.stderr.strip().splitlines() or ["no output"])[-1]
