@@ -24,6 +24,10 @@ DEFAULT_KEYS = ("method", *PARAMS)
 FUSION_KEYS = {"adapters", "rules", *DEFAULT_KEYS}
 DEFAULTS = {"method": "linear", **{name: p.default for name, p in PARAMS.items()}}
 EVAL_DEFAULTS = {"max_examples": 100, "max_tokens": 16, "batch_size": 32}
+# Optional eval settings without a default (absent from the plans unless given, so adding them
+# changed no existing plan): a system message before every prompt, for instruct templates that
+# add a long default one when there is none.
+EVAL_OPTIONAL = {"system_prompt": str}
 
 
 @dataclass
@@ -114,12 +118,15 @@ def resolve(raw: dict, where: str = "params.yaml") -> Params:
     if not fusions:
         raise FusionError(f"{where}: no fusions declared under 'fusions:'")
     ev = {**EVAL_DEFAULTS, **(raw.get("eval") or {})}
-    unknown = set(ev) - set(EVAL_DEFAULTS)
+    unknown = set(ev) - set(EVAL_DEFAULTS) - set(EVAL_OPTIONAL)
     if unknown:
         raise FusionError(f"{where}: eval has unknown setting(s) {', '.join(sorted(map(str, unknown)))} "
-                          f"(known: {', '.join(EVAL_DEFAULTS)})")
+                          f"(known: {', '.join([*EVAL_DEFAULTS, *EVAL_OPTIONAL])})")
     for key, value in ev.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if key in EVAL_OPTIONAL:
+            if not isinstance(value, EVAL_OPTIONAL[key]):
+                raise FusionError(f"{where}: eval.{key} must be a string, got {value!r}")
+        elif not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise FusionError(f"{where}: eval.{key} must be a positive integer, got {value!r}")
     prompts = raw.get("prompts") or []
     if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
