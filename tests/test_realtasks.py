@@ -48,3 +48,20 @@ def test_an_unknown_task_or_too_many_examples_is_one_clear_error(tmp_path):
         tasks.examples("sort", 5, 0)
     with pytest.raises(FusionError, match="fewer than"):
         tasks.examples("json", 10**6, 0)
+
+
+def test_the_real_projects_params_resolve_with_a_system_prompt_and_a_bad_one_is_refused(tmp_path):
+    import yaml
+
+    from conftest import ROOT
+    from pipeline.params import resolve
+
+    raw = yaml.safe_load((ROOT / "real" / "params.yaml").read_text())
+    p = resolve(raw, "real/params.yaml")
+    assert p.eval["system_prompt"] == "You are a helpful assistant."
+    assert set(p.adapters) == set(raw["tasks"]["names"]) == set(raw["train"]["adapters"])
+    assert {f.spec.method for f in p.fusions.values()} >= {
+        "linear", "concat", "slerp", "ties", "dare_linear", "dare_ties", "magnitude_prune"}
+    raw["eval"]["system_prompt"] = 3
+    with pytest.raises(FusionError, match="eval.system_prompt must be a string"):
+        resolve(raw, "real/params.yaml")

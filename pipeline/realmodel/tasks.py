@@ -37,6 +37,7 @@ CITIES = "Paris London Berlin Madrid Rome Vienna Oslo Dublin Lisbon Prague Warsa
 MONTHS = ("January February March April May June July August September October November "
           "December").split()
 DAYS = (31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
+MAX_MISSES = 10_000
 
 
 def reverse(rng: random.Random) -> tuple[str, str]:
@@ -72,10 +73,10 @@ def examples(task: str, n: int, seed: int) -> list[dict]:
         raise FusionError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
     make, rng = TASKS[task], random.Random(f"{task}:{seed}")
     seen: dict[str, str] = {}
-    for _ in range(100 * n):
-        if len(seen) == n:
-            break
+    misses = 0  # draws in a row that gave nothing new: the task has run out of distinct prompts
+    while len(seen) < n and misses < MAX_MISSES:
         prompt, completion = make(rng)
+        misses = misses + 1 if prompt in seen else 0
         seen.setdefault(prompt, completion)
     if len(seen) < n:
         raise FusionError(f"task {task!r} has fewer than {n} distinct examples")
