@@ -119,7 +119,7 @@ def resolve(raw: dict, where: str = "params.yaml") -> Params:
         raise FusionError(f"{where}: eval has unknown setting(s) {', '.join(sorted(map(str, unknown)))} "
                           f"(known: {', '.join(EVAL_DEFAULTS)})")
     if ev["system_prompt"] is not None and not isinstance(ev["system_prompt"], str):
-        raise FusionError(f"{where}: eval.system_prompt must be text, got {ev['system_prompt']!r}")
+        raise FusionError(f"{where}: eval.system_prompt must be a string, got {ev['system_prompt']!r}")
     for key, value in ev.items():
         if key == "system_prompt":
             continue
