@@ -123,7 +123,7 @@ def sh(*cmd, cwd, check=True, timeout=900) -> subprocess.CompletedProcess:
 
 
 def scratch_project(dest: Path, demo: dict | None = None, eval_examples: int = 16) -> Path:
-    """Copy the project's files (as git sees them) to ``dest``, shrink the demo, commit."""
+    """Copy the demo project's files (as git sees them) to ``dest``, shrink the demo, commit."""
     import yaml
 
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
@@ -131,7 +131,8 @@ def scratch_project(dest: Path, demo: dict | None = None, eval_examples: int = 1
     dest.mkdir(parents=True, exist_ok=True)
     for f in files:
         src = ROOT / f
-        if src.is_file() and not f.startswith(("reports/", "dvc.lock")):
+        # the demo's project alone: real/ is a second DVC project with its own model and lock
+        if src.is_file() and not f.startswith(("reports/", "dvc.lock", "real/")):
             (dest / f).parent.mkdir(parents=True, exist_ok=True)
             (dest / f).write_bytes(src.read_bytes())
     params = yaml.safe_load((dest / "params.yaml").read_text())
