@@ -27,6 +27,25 @@ from pipeline.errors import FusionError  # noqa: E402
 from pipeline.plan import eval_set  # noqa: E402
 
 
+def time_evaluation(model, tokenizer, encoded: list, batch: int, max_tokens: int, runs: int):
+    """Median seconds of scoring the loss of ``encoded`` and of greedy generation from their prompts,
+    after one warm-up batch (graph compilation, caches): ``(loss_s, generate_s, texts)``."""
+    from pipeline.evaluate import greedy_generate, set_loss
+
+    prompts = [t[:s] for t, s, _ in encoded]
+    set_loss(model, encoded[:batch], batch)
+    greedy_generate(model, tokenizer, prompts[:batch], max_tokens, batch)
+    loss_t, gen_t = [], []
+    for _ in range(runs):
+        t = time.perf_counter()
+        set_loss(model, encoded, batch)
+        loss_t.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        texts = greedy_generate(model, tokenizer, prompts, max_tokens, batch)
+        gen_t.append(time.perf_counter() - t)
+    return statistics.median(loss_t), statistics.median(gen_t), texts
+
+
 def _shown(p: Path) -> str:
     p = p.resolve()
     return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)
@@ -40,7 +59,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="print one JSON line (for bench.py)")
     args = ap.parse_args()
 
-    from pipeline.evaluate import encode_example, greedy_generate, load_examples, load_model, set_loss
+    from pipeline.evaluate import encode_example, load_examples, load_model
     from pipeline.params import load_params, resolve
 
     raw = load_params(args.params)
@@ -75,26 +94,15 @@ def main() -> None:
 
     model, tokenizer = load_model(base, adapter)
     encoded = [encode_example(tokenizer, ex) for ex in examples]
-    prompts = [t[:s] for t, s, _ in encoded]
     bs, max_tokens = int(ev["batch_size"]), int(ev["max_tokens"])
-    set_loss(model, encoded[:bs], bs)                       # warm-up (graph compilation, caches)
-    greedy_generate(model, tokenizer, prompts[:bs], max_tokens, bs)
-    loss_t, gen_t, new_tokens = [], [], 0
-    for _ in range(args.runs):
-        t = time.perf_counter()
-        set_loss(model, encoded, bs)
-        loss_t.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        texts = greedy_generate(model, tokenizer, prompts, max_tokens, bs)
-        gen_t.append(time.perf_counter() - t)
-        new_tokens = sum(len(tokenizer.encode(x)) for x in texts) + len(texts)  # + EOS each (at most)
+    loss_s, gen_s, texts = time_evaluation(model, tokenizer, encoded, bs, max_tokens, args.runs)
+    new_tokens = sum(len(tokenizer.encode(x)) for x in texts) + len(texts)  # + EOS each (at most)
     n = len(examples)
     result = {"model": _shown(base), "adapter": _shown(adapter),
               "task": path.parent.name if path.name in ("test.jsonl", "valid.jsonl") else path.stem,
               "examples": n, "batch_size": bs, "max_tokens": max_tokens,
-              "loss_s": statistics.median(loss_t), "generate_s": statistics.median(gen_t),
-              "loss_per_s": n / statistics.median(loss_t), "generate_per_s": n / statistics.median(gen_t),
-              "tokens_per_s": new_tokens / statistics.median(gen_t)}
+              "loss_s": loss_s, "generate_s": gen_s, "loss_per_s": n / loss_s, "generate_per_s": n / gen_s,
+              "tokens_per_s": new_tokens / gen_s}
     if args.json:
         print(json.dumps(result))
     else:

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,27 +26,17 @@ from pipeline.errors import FusionError  # noqa: E402
 
 def measure(base: Path, adapter: Path | None, data: Path, n: int, runs: int, batch: int, max_tokens: int,
             system: str | None) -> dict:
-    from pipeline.evaluate import encode_example, greedy_generate, load_examples, load_model, set_loss
+    from bench.eval_speed import time_evaluation
+    from pipeline.evaluate import encode_example, load_examples, load_model
 
     examples = load_examples(data / "test.jsonl", n)
     model, tokenizer = load_model(base, adapter)
     encoded = [encode_example(tokenizer, ex, system) for ex in examples]
-    prompts = [t[:s] for t, s, _ in encoded]
-    set_loss(model, encoded[:batch], batch)  # warm-up
-    greedy_generate(model, tokenizer, prompts[:batch], max_tokens, batch)
-    loss_t, gen_t = [], []
-    for _ in range(runs):
-        t = time.perf_counter()
-        set_loss(model, encoded, batch)
-        loss_t.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        texts = greedy_generate(model, tokenizer, prompts, max_tokens, batch)
-        gen_t.append(time.perf_counter() - t)
+    loss_s, gen_s, texts = time_evaluation(model, tokenizer, encoded, batch, max_tokens, runs)
     hits = sum(t.strip() == ex["completion"].strip() for t, ex in zip(texts, examples))
     return {"model": base.name, "examples": len(examples), "batch_size": batch, "max_tokens": max_tokens,
-            "loss_s": statistics.median(loss_t), "generate_s": statistics.median(gen_t),
-            "loss_per_s": len(examples) / statistics.median(loss_t),
-            "generate_per_s": len(examples) / statistics.median(gen_t), "accuracy": hits / len(examples)}
+            "loss_s": loss_s, "generate_s": gen_s, "loss_per_s": len(examples) / loss_s,
+            "generate_per_s": len(examples) / gen_s, "accuracy": hits / len(examples)}
 
 
 def main() -> None:

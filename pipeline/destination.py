@@ -44,8 +44,6 @@ def is_record(path: Path, keys: Iterable[str]) -> bool:
 RECORDS: dict[str, tuple[str, ...]] = {
     "fusion.json": ("method", "inputs", "output", "versions"),
     "conversion.json": ("converted_from", "layout", "written_by"),
-    "best.json": ("enabled",),
-    "baselines.json": ("base_model", "adapters", "tasks"),
 }
 
 
