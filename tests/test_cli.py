@@ -214,13 +214,13 @@ def _handles_sigterm(pid: int) -> bool:
 def test_interrupted_fuse_says_interrupted(tmp_path, sig):
     """Ctrl-C or a kill in the middle of a fusion: one line 'interrupted', exit 128 + the signal,
     no output and no temporary directory left."""
-    a, b, _ = big_pair(tmp_path, layers=36)
+    a, b, _ = big_pair(tmp_path, layers=128)   # several seconds of fusing even on an idle machine
     out = tmp_path / "out"
     p = start_fuse(a, b, out)
     deadline = time.time() + 60
     while not _handles_sigterm(p.pid) and time.time() < deadline:
         time.sleep(0.05)
-    time.sleep(1.0)  # into the fusion (reading, validating, fusing modules)
+    time.sleep(0.5)  # into the fusion (reading, validating, fusing modules)
     assert p.poll() is None, p.communicate()
     p.send_signal(sig)
     stdout, stderr = p.communicate(timeout=60)
