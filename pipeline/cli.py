@@ -119,14 +119,16 @@ def parse_rules(rules: list[str] | None) -> list[dict]:
 
 def make_spec(n: int, method: str, weights: str | None, density: str | None, majority_sign_method: str,
               t: str | None, rank: int | None, space: str, seed: int, rules: list[str] | None,
-              consensus: str = "peft"):
+              consensus: str = "peft", **scalars):
+    """The FusionSpec of the command line's options, checked for ``n`` adapters; ``scalars`` are the
+    single-valued method parameters (``common_fraction``, ``inner_method``, ``epsilon``, ``gamma``)."""
     from pipeline.spec import FusionSpec, check_spec
 
     spec = FusionSpec(method=method, weights=parse_list(weights, "weights"),
                       density=parse_list(density, "density") if density is not None else 1.0,
                       majority_sign_method=majority_sign_method, consensus=consensus,
                       t=parse_list(t, "t") if t is not None else 0.5,
-                      rank=rank, space=space, seed=seed, rules=parse_rules(rules))
+                      rank=rank, space=space, seed=seed, rules=parse_rules(rules), **scalars)
     if isinstance(spec.weights, (int, float)):
         spec.weights = [spec.weights]
     check_spec(spec, n)
@@ -147,8 +149,15 @@ o_consensus = typer.Option("peft", "--consensus", help="TIES convention: peft (e
 o_t = typer.Option(None, "--t", help="SLERP position in [0, 1] between two adapters (0 = first). Default 0.5.")
 o_rank = typer.Option(None, "--rank", "-r", help="Output rank. Default: exact for linear/concat/slerp, "
                       "the largest input rank for the masking methods.")
-o_space = typer.Option("delta", "--space", help="delta (exact, default) or factors (per-tensor average "
-                       "of lora_a/lora_b, as simple scripts do; equal ranks only).")
+o_space = typer.Option("delta", "--space", help="delta (exact, default), factors (per-tensor average "
+                       "of lora_a/lora_b, as simple scripts do; equal ranks only) or core (the element-wise "
+                       "methods on R x R cores in the SVD bases of the stacked factors).")
+o_common_fraction = typer.Option(0.8, "--common-fraction", help="iso_cts: fraction of the spectrum given to "
+                                 "the common subspace, in (0, 1].")
+o_inner_method = typer.Option("ties", "--inner-method", help="knots: the merge in the shared basis: linear, "
+                              "ties, dare_linear or dare_ties.")
+o_epsilon = typer.Option(0.15, "--epsilon", help="della: spread of the keep probabilities around the density.")
+o_gamma = typer.Option(0.01, "--gamma", help="breadcrumbs: fraction of the largest entries dropped as outliers.")
 o_seed = typer.Option(0, "--seed", help="Seed of DARE's random masks and the randomized SVD.")
 o_rule = typer.Option(None, "--rule", help="Per-module override, first match wins: "
                       "'self_attn: {weights: [0.9, 0.1], density: 0.5}'. Repeatable.")
@@ -219,6 +228,8 @@ def validate(
     method: str = o_method, weights: Optional[str] = o_weights, density: Optional[str] = o_density,
     majority_sign_method: str = o_msm, consensus: str = o_consensus, t: Optional[str] = o_t,
     rank: Optional[int] = o_rank, space: str = o_space, seed: int = o_seed, rule: Optional[List[str]] = o_rule,
+    common_fraction: float = o_common_fraction, inner_method: str = o_inner_method, epsilon: float = o_epsilon,
+    gamma: float = o_gamma,
     out_dir: Optional[Path] = typer.Option(None, "--out", help="The planned output directory (checked not to be an input)."),
     ignore_base: bool = o_ignore_base,
 ):
@@ -230,7 +241,8 @@ def validate(
     from pipeline.validate import validate as run
 
     spec = make_spec(len(adapters), method, weights, density, majority_sign_method, t, rank, space, seed, rule,
-                     consensus)
+                     consensus, common_fraction=common_fraction, inner_method=inner_method, epsilon=epsilon,
+                     gamma=gamma)
     result = run(adapters, out_dir, ignore_base=ignore_base, space=spec.space)
     out.print(adapter_table(result.adapters, f"{len(adapters)} adapters can be fused with {spec.method}"))
     for note in result.notes:
@@ -245,6 +257,8 @@ def fuse(
     method: str = o_method, weights: Optional[str] = o_weights, density: Optional[str] = o_density,
     majority_sign_method: str = o_msm, consensus: str = o_consensus, t: Optional[str] = o_t,
     rank: Optional[int] = o_rank, space: str = o_space, seed: int = o_seed, rule: Optional[List[str]] = o_rule,
+    common_fraction: float = o_common_fraction, inner_method: str = o_inner_method, epsilon: float = o_epsilon,
+    gamma: float = o_gamma,
     ignore_base: bool = o_ignore_base,
 ):
     """Fuse ADAPTERS into one mlx-lm adapter at --out, plus fusion.json (what was done, hashes, errors).
@@ -254,7 +268,8 @@ def fuse(
     from pipeline.fuse import fuse as run
 
     spec = make_spec(len(adapters), method, weights, density, majority_sign_method, t, rank, space, seed, rule,
-                     consensus)
+                     consensus, common_fraction=common_fraction, inner_method=inner_method, epsilon=epsilon,
+                     gamma=gamma)
     bar, update = progress_bar(f"fusing {len(adapters)} adapters ({spec.method})")
     with bar:
         record = run(adapters, out_dir, spec, progress=update, ignore_base=ignore_base)

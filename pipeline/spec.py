@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 
 from pipeline.errors import FusionError
-from pipeline.methods.registry import PARAMS, SCHEDULED, ModuleParams, check_params, get_method
+from pipeline.methods.registry import PARAMS, SCHEDULED, SPACES, ModuleParams, check_params, get_method
 
 
 @dataclass
@@ -30,6 +30,10 @@ class FusionSpec:
     rank: int | None = PARAMS["rank"].default
     space: str = PARAMS["space"].default
     seed: int = PARAMS["seed"].default
+    common_fraction: float = PARAMS["common_fraction"].default
+    inner_method: str = PARAMS["inner_method"].default
+    epsilon: float = PARAMS["epsilon"].default
+    gamma: float = PARAMS["gamma"].default
     rules: list[dict] = field(default_factory=list)
 
     def to_json(self) -> dict:
@@ -70,6 +74,10 @@ def module_params(spec: FusionSpec, name: str, layer: int | None, n_layers: int,
         rank=spec.rank,
         seed=spec.seed,
         space=spec.space,
+        common_fraction=spec.common_fraction,
+        inner_method=spec.inner_method,
+        epsilon=spec.epsilon,
+        gamma=spec.gamma,
     )
 
 
@@ -100,8 +108,11 @@ def check_spec(spec: FusionSpec, n: int, where: str = "fusion") -> None:
         get_method(spec.method)
     except FusionError as e:
         raise FusionError(f"{where}: {e}") from None
-    if spec.space not in ("delta", "factors"):
-        raise FusionError(f"{where}: space must be 'delta' or 'factors', got {spec.space!r}")
+    if spec.space not in SPACES:
+        raise FusionError(f"{where}: space must be one of {', '.join(SPACES)}, got {spec.space!r}")
+    for name in ("common_fraction", "epsilon", "gamma"):
+        if not _numbers(getattr(spec, name)) or isinstance(getattr(spec, name), (list, tuple)):
+            raise FusionError(f"{where}: {name} must be a number, got {getattr(spec, name)!r}")
     if spec.rank is not None and (not isinstance(spec.rank, int) or isinstance(spec.rank, bool) or spec.rank < 1):
         raise FusionError(f"{where}: rank must be a positive integer, got {spec.rank!r}")
     if not isinstance(spec.seed, int) or isinstance(spec.seed, bool):

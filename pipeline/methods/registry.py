@@ -25,7 +25,8 @@ from pipeline.errors import FusionError
 
 SIGN_METHODS = ("total", "frequency")
 CONSENSUS = ("peft", "mergekit")
-SPACES = ("delta", "factors")
+SPACES = ("delta", "factors", "core")
+INNER_METHODS = ("linear", "ties", "dare_linear", "dare_ties")
 FLOAT32_MAX = 3.4028234663852886e38
 
 
@@ -49,8 +50,14 @@ PARAMS: dict[str, Param] = {p.name: p for p in (
           "agreeing weights)"),
     Param("t", 0.5, "slerp position between two adapters, in [0, 1] (0 = the first)", per_layer=True),
     Param("rank", None, "output rank; null = the method's default"),
-    Param("space", "delta", "delta (exact) or factors (per-tensor average of lora_a / lora_b)"),
+    Param("space", "delta", "delta (exact), factors (per-tensor average of lora_a / lora_b) or core "
+          "(element-wise methods on the cores in the SVD bases of the stacked factors)"),
     Param("seed", 0, "seed of random masks and the randomized SVD"),
+    Param("common_fraction", 0.8, "iso_cts: fraction of the spectrum given to the common subspace, in (0, 1]"),
+    Param("inner_method", "ties", "knots: the element-wise merge in the shared basis: linear, ties, "
+          "dare_linear or dare_ties"),
+    Param("epsilon", 0.15, "della: spread of the keep probabilities around density, >= 0"),
+    Param("gamma", 0.01, "breadcrumbs: fraction of the largest entries removed as outliers, in [0, 1)"),
 )}
 SCHEDULED = tuple(p.name for p in PARAMS.values() if p.per_layer)
 
@@ -65,7 +72,11 @@ class ModuleParams:
     t: float = 0.5                  # slerp
     rank: int | None = None         # output rank; None = method default
     seed: int = 0
-    space: str = "delta"            # "delta" | "factors"
+    space: str = "delta"            # "delta" | "factors" | "core"
+    common_fraction: float = 0.8    # iso_cts
+    inner_method: str = "ties"      # knots
+    epsilon: float = 0.15           # della
+    gamma: float = 0.01             # breadcrumbs
 
 
 ModuleFn = Callable[[list, tuple, ModuleParams, str], object]
@@ -79,7 +90,8 @@ class Method:
     params: tuple[str, ...]            # the parameters it reads (keys of PARAMS)
     delta: ModuleFn                    # fuse one module in delta space
     exact: bool                        # exact in delta space (no dense matrix, no sampling)
-    factors: ModuleFn | None = None    # fuse one module in factor space; None = delta space only
+    factors: ModuleFn | None = None    # fuse one module in factor space; None = not offered
+    core: ModuleFn | None = None       # fuse one module in core space; None = not offered
     default_weight: str = "one"        # "mean": 1/N each (an average); "one": 1 each
     min_adapters: int = 1
     max_adapters: int | None = None
@@ -88,7 +100,8 @@ class Method:
 
     @property
     def spaces(self) -> tuple[str, ...]:
-        return SPACES if self.factors is not None else ("delta",)
+        return ("delta",) + (("factors",) if self.factors is not None else ()) + \
+            (("core",) if self.core is not None else ())
 
     def default_weights(self, n: int) -> list[float]:
         return [1.0 / n] * n if self.default_weight == "mean" else [1.0] * n
@@ -154,9 +167,9 @@ def check_params(method: str, n_sources: int, p: ModuleParams) -> None:
     """Raise FusionError for any user mistake in ``method``/``p``; cheap, call it before the math."""
     m = get_method(method)
     if p.space not in SPACES:
-        raise FusionError(f"space must be 'delta' or 'factors', got {p.space!r}")
+        raise FusionError(f"space must be one of {', '.join(SPACES)}, got {p.space!r}")
     if p.space not in m.spaces:
-        raise FusionError(f"method {method!r} works in delta space only, not space {p.space!r}")
+        raise FusionError(f"method {method!r} works in {' or '.join(m.spaces)} space, not space {p.space!r}")
     if n_sources < m.min_adapters:
         raise FusionError(f"method {method!r} needs at least {m.min_adapters} adapters, got {n_sources}")
     if m.max_adapters is not None and n_sources > m.max_adapters:
@@ -180,5 +193,13 @@ def check_params(method: str, n_sources: int, p: ModuleParams) -> None:
         raise FusionError(f"rank must be a positive integer, got {p.rank!r}")
     if not _is_int(p.seed) or p.seed < 0:
         raise FusionError(f"seed must be a non-negative integer, got {p.seed!r}")
+    if not _is_real(p.common_fraction) or not (0.0 < p.common_fraction <= 1.0):
+        raise FusionError(f"common_fraction must be in (0, 1], got {p.common_fraction!r}")
+    if p.inner_method not in INNER_METHODS:
+        raise FusionError(f"inner_method must be one of {', '.join(INNER_METHODS)}, got {p.inner_method!r}")
+    if not _is_real(p.epsilon) or not (0.0 <= p.epsilon < 1.0):
+        raise FusionError(f"epsilon must be in [0, 1), got {p.epsilon!r}")
+    if not _is_real(p.gamma) or not (0.0 <= p.gamma < 1.0):
+        raise FusionError(f"gamma must be in [0, 1), got {p.gamma!r}")
     if m.check is not None:
         m.check(n_sources, p)
