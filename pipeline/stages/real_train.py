@@ -11,7 +11,8 @@ from pathlib import Path
 
 import typer
 
-from pipeline.stages import run, write_json
+from pipeline.io import write_json
+from pipeline.stages import run
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
