@@ -552,7 +552,7 @@ def test_factor_space_refuses_unequal_ranks_and_missing_modules(sources):
         fuse_module(sources[:2], SHAPE, "linear", ModuleParams(weights=(0.5, 0.5), space="factors"), NAME)
     with pytest.raises(FusionError, match=r"q_proj.*adapter 2 lacks it"):
         fuse_module([sources[0], None], SHAPE, "ties", ModuleParams(weights=(1, 1), space="factors"), NAME)
-    with pytest.raises(FusionError, match="concat.*delta space only"):
+    with pytest.raises(FusionError, match="concat.*works in delta space, not space"):
         check_params("concat", 2, ModuleParams(weights=(1, 1), space="factors"))
 
 
@@ -643,7 +643,7 @@ BAD = [
     ("linear", 2, {"rank": 0}, r"rank must be a positive integer, got 0"),
     ("linear", 2, {"rank": 2.5}, r"rank must be a positive integer"),
     ("dare_linear", 2, {"seed": -1}, r"seed must be a non-negative integer"),
-    ("linear", 2, {"space": "tensors"}, r"space must be 'delta' or 'factors'"),
+    ("linear", 2, {"space": "tensors"}, r"space must be one of delta, factors, core"),
     ("linear", 2, {"weights": (1.0, float("inf"))}, r"weights must be finite numbers"),
 ]
 
