@@ -1,0 +1,66 @@
+"""KnOTS (``knots``, arXiv 2410.19735): the tasks' deltas in the shared basis of the SVD of their
+concatenation, merged element-wise there with an inner method, exact without a dense matrix.
+
+The SVD of ``[dW_1 ... dW_K]`` (out x K in) is ``U diag(s) [V_1^T ... V_K^T]``; task i is ``X_i = diag(s)
+V_i^T = U^T dW_i`` (R' x in), and the result is ``U merge(X_1 .. X_K)``. With ``B_c = Q_B R_B`` (the stacked
+B's) and ``A_i A_i^T = L_i L_i^T`` (an r_i x r_i Gram matrix), the left singular vectors and values are
+those of ``Q_B C`` with the small ``C = R_B diag(L_1, ..., L_K)`` (``C C^T = Q_B^T (sum_i dW_i dW_i^T) Q_B``),
+so ``U = Q_B W`` from ``svd(C) = W S Z^T`` and ``X_i = W^T R_B[:, I_i] A_i``. The merge is the project's
+task-vector core (:func:`pipeline.methods.ops.merge_task_vectors`): ``linear`` (magnitude pruning at
+``density``, then the weighted sum), ``ties``, ``dare_linear``, ``dare_ties``, the DARE stream of source
+``i`` being ``source_rng(seed, name, i)`` as for ``dare_*``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.methods.lowrank import FusedModule, _triangular, refactor_exact, stack_factors, zero_module
+from pipeline.methods.ops import merge_task_vectors, source_rng
+from pipeline.methods.registry import ModuleParams
+from pipeline.methods.spectral import qr_factors, numerical_rank, svd
+
+INNER = {"linear": ("magnitude", False), "ties": ("magnitude", True),
+         "dare_linear": ("random", False), "dare_ties": ("random", True)}
+
+
+def gram_factor(a: np.ndarray) -> np.ndarray:
+    """An ``L`` with ``L L^T = A A^T`` (``a``: r x in): the transposed R of ``A^T = Q R``."""
+    at = np.asarray(a, np.float64).T
+    r = _triangular(at)
+    return (r if r is not None else np.linalg.qr(at, mode="r")).T
+
+
+def shared_basis(sources, shape):
+    """``(U, X, present)``: the left singular vectors ``U`` (out x R') of the present sources'
+    concatenated deltas with singular values above ``REL_TOL * s_max``, and ``X[j] = U^T dW`` of the
+    ``j``-th present source (R' x in), float64; each component's sign makes the largest-magnitude
+    entry of its row of ``[X_1 ... X_K]`` positive."""
+    present = [i for i, s in enumerate(sources) if s is not None]
+    bc, _ = stack_factors(sources, [1.0] * len(sources), shape)
+    rb, qb = qr_factors(bc)
+    ranks = np.concatenate([[0], np.cumsum([sources[i][0].shape[0] for i in present])]).astype(int)
+    cols = [slice(ranks[j], ranks[j + 1]) for j in range(len(present))]
+    c = np.hstack([rb[:, cj] @ gram_factor(sources[i][0]) for cj, i in zip(cols, present)])
+    w, s, _ = svd(c)
+    w = w[:, :numerical_rank(s)]
+    u = qb @ w if qb is not None else bc @ np.linalg.solve(rb, w)
+    xs = [(w.T @ rb[:, cj]) @ np.asarray(sources[i][0], np.float64) for cj, i in zip(cols, present)]
+    # the sign of each component: the largest-magnitude entry of its row of [X_1 ... X_K] positive
+    # (a zero vote of the frequency election elects +, so the merge depends on it)
+    flat = np.hstack(xs)
+    sign = np.where(flat[np.arange(flat.shape[0]), np.argmax(np.abs(flat), axis=1)] < 0, -1.0, 1.0)
+    return u * sign, [x * sign[:, None] for x in xs], present
+
+
+def knots(sources, shape, p: ModuleParams, name: str) -> FusedModule:
+    """KnOTS on one module: ``U merge_inner(X_i, w_i)``, re-factored exactly (or to ``rank``)."""
+    u, xs, present = shared_basis(sources, shape)
+    if u.shape[1] == 0:
+        return zero_module(shape)
+    sparsify, elect = INNER[p.inner_method]
+    rngs = [source_rng(p.seed, name, i) for i in present] if sparsify == "random" else None
+    merged = merge_task_vectors(xs, [float(p.weights[i]) for i in present], sparsify=sparsify,
+                                density=p.density, elect=p.majority_sign_method if elect else None,
+                                consensus=p.consensus, rngs=rngs)
+    return refactor_exact(u, merged, p.rank)
