@@ -110,7 +110,8 @@ def ref_knots(deltas, w, inner="ties", density=1.0, seed=0, name=NAME, sign="tot
     r = rank_of(s)
     flip = np.sign(vt[np.arange(r), np.argmax(np.abs(vt[:r]), axis=1)])   # the sign convention
     u, vt = u[:, :r] * flip, vt[:r] * flip[:, None]
-    xs = [s[:r, None] * vt[:, j * SHAPE[1]:(j + 1) * SHAPE[1]] for j in range(len(idx))]
+    fin = deltas[idx[0]].shape[1]
+    xs = [s[:r, None] * vt[:, j * fin:(j + 1) * fin] for j in range(len(idx))]
     sparsify, elect = INNER[inner]
     rngs = [source_rng(seed, name, i) for i in idx]
     merged = merge_task_vectors(xs, [w[i] for i in idx], sparsify=sparsify, density=density,
