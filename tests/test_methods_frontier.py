@@ -311,6 +311,7 @@ def test_fuse_command_runs_each_method_and_help_lists_them(tmp_path):
     help_text = run_cli("fuse", "--help").stdout
     for m in FRONTIER:
         assert m in help_text
+    assert "KnOTS" in help_text and "Iso" in help_text    # the registry's summaries, in the epilog
     for m, extra in (("tsv", []), ("iso_c", []), ("iso_cts", ["--common-fraction", "0.5"]),
                      ("knots", ["--inner-method", "dare_ties", "--density", "0.5", "--seed", "2"])):
         res = run_cli("fuse", a, b, "--out", tmp_path / m, "--method", m, *extra)
