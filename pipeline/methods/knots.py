@@ -16,7 +16,8 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.methods.lowrank import FusedModule, _triangular, refactor_exact, stack_factors, zero_module
-from pipeline.methods.ops import merge_task_vectors, source_rng
+from pipeline.methods.dense import merge_dense
+from pipeline.methods.ops import source_rng
 from pipeline.methods.registry import ModuleParams
 from pipeline.methods.spectral import qr_factors, numerical_rank, svd
 
@@ -32,10 +33,10 @@ def gram_factor(a: np.ndarray) -> np.ndarray:
 
 
 def shared_basis(sources, shape):
-    """``(U, X, present)``: the left singular vectors ``U`` (out x R') of the present sources'
-    concatenated deltas with singular values above ``REL_TOL * s_max``, and ``X[j] = U^T dW`` of the
-    ``j``-th present source (R' x in), float64; each component's sign makes the largest-magnitude
-    entry of its row of ``[X_1 ... X_K]`` positive."""
+    """``(U, C, present)``: the left singular vectors ``U`` (out x R', float64) of the present sources'
+    concatenated deltas with singular values above ``REL_TOL * s_max``, and ``C[j]`` (R' x r_j) with
+    ``X_j = U^T dW_j = C[j] @ A_j`` for the ``j``-th present source; each component's sign makes the
+    largest-magnitude entry of its column of ``U`` positive."""
     present = [i for i, s in enumerate(sources) if s is not None]
     bc, _ = stack_factors(sources, [1.0] * len(sources), shape)
     rb, qb = qr_factors(bc)
@@ -44,23 +45,24 @@ def shared_basis(sources, shape):
     c = np.hstack([rb[:, cj] @ gram_factor(sources[i][0]) for cj, i in zip(cols, present)])
     w, s, _ = svd(c)
     w = w[:, :numerical_rank(s)]
+    cs = [w.T @ rb[:, cj] for cj in cols]
     u = qb @ w if qb is not None else bc @ np.linalg.solve(rb, w)
-    xs = [(w.T @ rb[:, cj]) @ np.asarray(sources[i][0], np.float64) for cj, i in zip(cols, present)]
-    # the sign of each component: the largest-magnitude entry of its row of [X_1 ... X_K] positive
-    # (a zero vote of the frequency election elects +, so the merge depends on it)
-    flat = np.hstack(xs)
-    sign = np.where(flat[np.arange(flat.shape[0]), np.argmax(np.abs(flat), axis=1)] < 0, -1.0, 1.0)
-    return u * sign, [x * sign[:, None] for x in xs], present
+    # the sign convention (a zero vote of the frequency election elects +, so the merge depends on it)
+    sign = np.where(u[np.argmax(np.abs(u), axis=0), np.arange(u.shape[1])] < 0, -1.0, 1.0)
+    return u * sign, [ci * sign[:, None] for ci in cs], present
 
 
 def knots(sources, shape, p: ModuleParams, name: str) -> FusedModule:
-    """KnOTS on one module: ``U merge_inner(X_i, w_i)``, re-factored exactly (or to ``rank``)."""
-    u, xs, present = shared_basis(sources, shape)
+    """KnOTS on one module: ``U merge_inner(X_i, w_i)``, re-factored exactly (or to ``rank``). The merge
+    is the masking methods' blocked kernel (:func:`pipeline.methods.dense.merge_dense`, held equal to
+    ``merge_task_vectors`` entry for entry) on the low-rank ``X_i = C_i A_i``, in float32."""
+    u, cs, present = shared_basis(sources, shape)
     if u.shape[1] == 0:
         return zero_module(shape)
     sparsify, elect = INNER[p.inner_method]
     rngs = [source_rng(p.seed, name, i) for i in present] if sparsify == "random" else None
-    merged = merge_task_vectors(xs, [float(p.weights[i]) for i in present], sparsify=sparsify,
-                                density=p.density, elect=p.majority_sign_method if elect else None,
-                                consensus=p.consensus, rngs=rngs)
+    xs = [(np.asarray(sources[i][0], np.float32), ci.astype(np.float32)) for ci, i in zip(cs, present)]
+    merged, _ = merge_dense(xs, [float(p.weights[i]) for i in present], (u.shape[1], shape[1]),
+                            sparsify=sparsify, density=p.density,
+                            elect=p.majority_sign_method if elect else None, consensus=p.consensus, rngs=rngs)
     return refactor_exact(u, merged, p.rank)
