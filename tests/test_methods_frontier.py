@@ -362,3 +362,29 @@ def test_per_module_rules_reach_the_method(tmp_path):
         want = ref_tsv(ds, [k, k])
         np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max())
 
+
+
+@pytest.mark.parametrize("shape", [(6, 40), (40, 6)])
+@pytest.mark.parametrize("method", FRONTIER)
+def test_more_rank_than_rows_or_columns(method, shape):
+    """The stacked ranks (4 + 5 + 3) exceed min(out, in): the bases are then Householder QRs."""
+    srcs = [make_source(4, 1, 1.0, shape), make_source(5, 2, 2.0, shape), make_source(3, 3, 0.5, shape)]
+    w = (0.7, -0.4, 1.1)
+    f = fuse_module(srcs, shape, method, ModuleParams(weights=w, common_fraction=0.5), NAME)
+    deltas = [dense(s, shape) for s in srcs]
+    want = ref_iso_cts(deltas, w, 0.5) if method == "iso_cts" else REFERENCES[method](deltas, w)
+    close(product(f), want)
+
+
+def test_an_adapter_fused_with_itself(sources):
+    """The stacked factors are rank-deficient; the polar factors are taken on the nonzero singular
+    values, so TSV averages the two copies (as TIES does) instead of picking arbitrary vectors."""
+    s = sources[1]
+    d = dense(s)
+    close(product(fuse([s, s], "tsv")), d)
+    close(product(fuse([s, s], "knots")), d)
+    close(product(fuse([s, s], "knots", inner_method="linear")), 2 * d)
+    close(product(fuse([s, s], "iso_c")), product(fuse([s], "iso_c", weights=(2.0,))))
+    f = fuse([s, s], "iso_cts")
+    sv = spectrum(product(f))
+    assert np.allclose(sv, sv[0], rtol=1e-5) and np.isfinite(product(f)).all()

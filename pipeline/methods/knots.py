@@ -6,20 +6,21 @@ V_i^T = U^T dW_i`` (R' x in), and the result is ``U merge(X_1 .. X_K)``. With ``
 B's) and ``A_i A_i^T = L_i L_i^T`` (an r_i x r_i Gram matrix), the left singular vectors and values are
 those of ``Q_B C`` with the small ``C = R_B diag(L_1, ..., L_K)`` (``C C^T = Q_B^T (sum_i dW_i dW_i^T) Q_B``),
 so ``U = Q_B W`` from ``svd(C) = W S Z^T`` and ``X_i = W^T R_B[:, I_i] A_i``. The merge is the project's
-task-vector core (:func:`pipeline.methods.ops.merge_task_vectors`): ``linear`` (magnitude pruning at
-``density``, then the weighted sum), ``ties``, ``dare_linear``, ``dare_ties``, the DARE stream of source
-``i`` being ``source_rng(seed, name, i)`` as for ``dare_*``.
+task-vector core (the numbers of :func:`pipeline.methods.ops.merge_task_vectors`, by the blocked kernel of
+the masking methods): ``linear`` (magnitude pruning at ``density``, then the weighted sum), ``ties``,
+``dare_linear``, ``dare_ties``, the DARE stream of source ``i`` being ``source_rng(seed, name, i)`` as for
+``dare_*``.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from pipeline.methods.lowrank import FusedModule, _triangular, refactor_exact, stack_factors, zero_module
 from pipeline.methods.dense import merge_dense
+from pipeline.methods.lowrank import FusedModule, _triangular, refactor_exact, stack_factors, zero_module
 from pipeline.methods.ops import source_rng
 from pipeline.methods.registry import ModuleParams
-from pipeline.methods.spectral import qr_factors, numerical_rank, svd
+from pipeline.methods.spectral import numerical_rank, qr_factors, svd
 
 INNER = {"linear": ("magnitude", False), "ties": ("magnitude", True),
          "dare_linear": ("random", False), "dare_ties": ("random", True)}
