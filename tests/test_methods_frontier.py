@@ -108,7 +108,7 @@ def ref_knots(deltas, w, inner="ties", density=1.0, seed=0, name=NAME, sign="tot
     idx = [i for i, d in enumerate(deltas) if d is not None]
     u, s, vt = np.linalg.svd(np.hstack([deltas[i] for i in idx]), full_matrices=False)
     r = rank_of(s)
-    flip = np.sign(u[np.argmax(np.abs(u[:, :r]), axis=0), np.arange(r)])   # the sign convention
+    flip = np.sign(u[:, :r].sum(axis=0))   # the sign convention: U's column sums positive
     u, vt = u[:, :r] * flip, vt[:r] * flip[:, None]
     fin = deltas[idx[0]].shape[1]
     xs = [s[:r, None] * vt[:, j * fin:(j + 1) * fin] for j in range(len(idx))]
