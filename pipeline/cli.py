@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from pipeline.errors import FusionError
-from pipeline.methods.registry import method_list
+from pipeline.methods.registry import METHODS, method_list
 
 # Imports that only some commands need (yaml, rich's progress and tables, the library) sit inside
 # the functions that use them, so `fusion --help` and `fusion validate` start quickly.
@@ -250,7 +250,7 @@ def validate(
     out.print("[green]ok[/]")
 
 
-@app.command()
+@app.command(epilog="Methods: " + "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()) + ".")
 def fuse(
     adapters: List[Path] = ADAPTERS,
     out_dir: Path = typer.Option(..., "--out", "-o", help="Output adapter directory (mlx-lm layout).", show_default=False),

@@ -5,6 +5,7 @@ import pytest
 
 from conftest import make_mlx_adapter, module_shapes
 from pipeline.fuse import FusionSpec, fuse
+from test_methods_frontier import REFERENCES as FRONTIER
 
 
 def dense_delta(path, name):
@@ -28,7 +29,7 @@ def logits(model, tokens):
     return np.array(model(mx.array([tokens])), dtype=np.float64)
 
 
-@pytest.mark.parametrize("method", ["linear", "concat", "slerp"])
+@pytest.mark.parametrize("method", ["linear", "concat", "slerp", *FRONTIER])
 def test_fused_adapter_logits_match_dense_weights(tmp_path, tiny_model, method):
     import mlx.core as mx
     from mlx_lm import load
@@ -51,11 +52,12 @@ def test_fused_adapter_logits_match_dense_weights(tmp_path, tiny_model, method):
     for name in module_shapes():
         d1 = dense_delta(a, name)
         d2 = dense_delta(b, name) if name in shapes else np.zeros_like(d1)
-        if method == "slerp":
-            c1, c2 = slerp_coeffs(d1, d2, t) if d2.any() else (1 - t, t)
+        if method in FRONTIER:   # the dense references of tests/test_methods_frontier.py
+            delta = FRONTIER[method]([d1, d2 if name in shapes else None], weights)
         else:
-            c1, c2 = weights
-        w = np.array(params[f"{name}.weight"], dtype=np.float64) + c1 * d1 + c2 * d2
+            c1, c2 = (slerp_coeffs(d1, d2, t) if d2.any() else (1 - t, t)) if method == "slerp" else weights
+            delta = c1 * d1 + c2 * d2
+        w = np.array(params[f"{name}.weight"], dtype=np.float64) + delta
         updates.append((f"{name}.weight", mx.array(w.astype(np.float32))))
     ref.load_weights(updates, strict=False)
     want = logits(ref, tokens)

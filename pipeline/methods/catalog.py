@@ -29,3 +29,18 @@ for _name, _summary, _params, _sparsify, _elect in (
 ):
     register(Method(_name, _summary, _params, delta=lazy(TV, "masked", _sparsify, _elect),
                     factors=lazy(TV, "on_factors", _sparsify, _elect), exact=False))
+
+# --- spectral methods and KnOTS (exact on the stacked factors; no dense matrix) -------------------
+SPECTRAL, KNOTS = "pipeline.methods.spectral", "pipeline.methods.knots"
+
+register(Method("tsv", "TSV-Merge: each task's top singular components, singular vectors orthogonalised "
+                "(polar factors), exact", ("weights", "rank"), delta=lazy(SPECTRAL, "tsv"), exact=True))
+register(Method("iso_c", "Iso-C: the weighted sum with its nonzero spectrum made flat (mean singular "
+                "value), exact", ("weights", "rank"), delta=lazy(SPECTRAL, "iso_c"), exact=True))
+register(Method("iso_cts", "Iso-CTS: common subspace of the sum plus task-specific residual directions, "
+                "orthogonalised, flat spectrum, exact", ("weights", "common_fraction", "rank"),
+                delta=lazy(SPECTRAL, "iso_cts"), exact=True))
+register(Method("knots", "KnOTS: the deltas in the shared SVD basis of their concatenation, merged there "
+                "with inner_method (linear, ties, dare_linear, dare_ties), exact low rank",
+                ("weights", "inner_method", "density", "majority_sign_method", "consensus", "seed", "rank"),
+                delta=lazy(KNOTS, "knots"), exact=True))
