@@ -132,17 +132,22 @@ def check_modules(size: str) -> list[str]:
             f"model.layers.{layers - 1}.self_attn.{last}"]
 
 
+# The masking methods: how each sparsifies and whether it elects signs (as registered in catalog.py).
+MASKING = {"ties": ("magnitude", True), "dare_linear": ("random", False), "dare_ties": ("random", True),
+           "magnitude_prune": ("magnitude", False)}
+
+
 def optimality(paths: list[Path], out: Path, method: str, modules: list[str]) -> list[dict]:
     """For each module: the error fusion.json records, the error of the written factors against the
     dense merge (the slow reference path: ``merge_task_vectors`` on whole dense deltas), and the
     optimal rank-16 error from all singular values of that merge (float64)."""
     from pipeline.formats import read_adapter
-    from pipeline.methods import METHODS, dense_delta, merge_task_vectors, source_rng
+    from pipeline.methods import dense_delta, merge_task_vectors, source_rng
 
     record = json.loads((out / "fusion.json").read_text())
     fused = read_adapter(out)
     srcs = [read_adapter(p) for p in paths]
-    m = METHODS[method]
+    sparsify, elect = MASKING[method]
     p = record["params"]
     n = len(srcs)
     weights = p["weights"] or [1.0] * n
@@ -153,10 +158,11 @@ def optimality(paths: list[Path], out: Path, method: str, modules: list[str]) ->
             A, B, s = a.factors(name)
             sources.append((A, B * np.float32(s)))
         shape = (sources[0][1].shape[0], sources[0][0].shape[1])
-        rngs = [source_rng(p["seed"], name, i) for i in range(n)] if m.sparsify == "random" else None
+        rngs = [source_rng(p["seed"], name, i) for i in range(n)] if sparsify == "random" else None
         merged = merge_task_vectors((dense_delta(s, shape) for s in sources), weights,
-                                    sparsify=m.sparsify, density=p["density"],
-                                    elect=p["majority_sign_method"] if m.elect_signs else None, rngs=rngs)
+                                    sparsify=sparsify, density=p["density"],
+                                    elect=p["majority_sign_method"] if elect else None,
+                                    consensus=p.get("consensus", "peft"), rngs=rngs)
         d = merged.astype(np.float64)
         gram = d @ d.T if d.shape[0] <= d.shape[1] else d.T @ d
         s2 = np.clip(np.linalg.eigvalsh(gram)[::-1], 0.0, None)
