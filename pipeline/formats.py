@@ -10,6 +10,16 @@ PEFT: ``adapter_model.safetensors`` + ``adapter_config.json``; tensors
 Both are read as modules named like ``model.layers.3.self_attn.q_proj`` with factors
 ``A`` (r, in) and ``B`` (out, r) and a scale ``s``: ``dW = s * B @ A``. Only headers and configs
 are read by :func:`read_adapter`; tensor data is read per module by :meth:`Adapter.factors`.
+
+Module kinds besides a linear layer (``ModuleInfo.kind``):
+- ``experts``: mlx-lm's ``LoRASwitchLinear`` on a mixture-of-experts projection (``switch_mlp``):
+  ``lora_a`` (E, r, in) and ``lora_b`` (E, out, r), expert e's delta ``s * lora_b[e] @ lora_a[e]``
+  (not transposed, unlike a linear layer); read as A (E, r, in) and B (E, out, r).
+- ``embedding``: an embedding table (V, D) (mlx-lm ``LoRAEmbedding``: ``lora_a`` (V, r), ``lora_b``
+  (r, D), delta ``s * lora_a @ lora_b``; PEFT ``lora_embedding_A`` (r, V), ``lora_embedding_B``
+  (D, r), delta ``s * (B A)^T``), read as out = V, in = D: B (V, r), A (r, D). With tied
+  embeddings the same delta is the output head's.
+A PEFT ``lora_B.bias`` (``lora_bias=True``) adds ``s * bias`` to the layer's bias (``Adapter.bias``).
 """
 
 from __future__ import annotations
@@ -30,6 +40,9 @@ PEFT_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+# Last path components of embedding tables in mlx-lm's models (an mlx-lm LoRA of an embedding has
+# the same tensor shapes as one of a linear layer; only the name tells them apart).
+EMBEDDING_NAMES = ("embed_tokens", "wte", "tok_embeddings", "word_embeddings", "embedding", "embeddings")
 
 
 @dataclass(frozen=True)
@@ -42,6 +55,14 @@ class ModuleInfo:
     a_key: str         # tensor names in the file
     b_key: str
     dtype: str
+    kind: str = "linear"            # "linear" | "experts" | "embedding"
+    experts: int = 0                # number of experts (kind "experts")
+    bias_key: str | None = None     # PEFT's lora_B.bias: the layer's bias moves by scale * bias
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of the module's weight delta: (out, in), or (experts, out, in)."""
+        return ((self.experts,) if self.kind == "experts" else ()) + (self.out_features, self.in_features)
 
     @property
     def layer(self) -> int | None:
@@ -95,7 +116,7 @@ class Adapter:
 
     @property
     def tensor_count(self) -> int:
-        return 2 * len(self.modules) + len(self.extra_tensors)
+        return sum(2 + (m.bias_key is not None) for m in self.modules.values()) + len(self.extra_tensors)
 
     def open(self) -> SafetensorsFile:
         if self._file is None:
@@ -103,13 +124,33 @@ class Adapter:
         return self._file
 
     def factors(self, module: str) -> tuple[np.ndarray, np.ndarray, float]:
-        """``(A (r, in), B (out, r), scale)`` of one module, float32."""
+        """``(A (r, in), B (out, r), scale)`` of one module, float32; experts: A (E, r, in) and
+        B (E, out, r); an embedding: out = vocabulary, in = dimension."""
         info = self.modules[module]
         f = self.open()
         a, b = f.get(info.a_key), f.get(info.b_key)
-        if self.layout == "mlx":
+        if info.kind == "embedding":
+            # mlx: lora_a (V, r) = B, lora_b (r, D) = A; PEFT: lora_embedding_A (r, V) = B^T, _B (D, r) = A^T
+            a, b = (b, a) if self.layout == "mlx" else (b.T, a.T)
+        elif self.layout == "mlx" and info.kind == "linear":
             a, b = a.T, b.T
         return np.ascontiguousarray(a), np.ascontiguousarray(b), info.scale
+
+    def bias(self, module: str) -> np.ndarray | None:
+        """The LoRA bias of one module (out,), float32, before the scale; None if it has none."""
+        info = self.modules[module]
+        return None if info.bias_key is None else np.ascontiguousarray(self.open().get(info.bias_key))
+
+    @property
+    def variants(self) -> dict[str, int]:
+        """How many modules of each kind besides plain linear ones: experts, embeddings, biases."""
+        out: dict[str, int] = {}
+        for m in self.modules.values():
+            if m.kind != "linear":
+                out[m.kind] = out.get(m.kind, 0) + 1
+            if m.bias_key:
+                out["bias"] = out.get("bias", 0) + 1
+        return out
 
     def check_finite(self) -> list[str]:
         """Names of tensors holding NaN or Inf (one sequential read of the weights file)."""
@@ -182,8 +223,9 @@ def _pair_modules(tensors: dict, suffix_a: str, suffix_b: str, prefix: str = "")
 _UNUSABLE = [
     (r"(^|\.)lora_magnitude_vector(\.|$)|\.m$",
      "DoRA magnitude vectors (DoRA is not a low-rank delta, so it cannot be fused exactly)"),
-    (r"(^|\.)lora_embedding_[AB](\.|$)", "lora_embedding_A/B (embedding LoRA is not supported yet)"),
-    (r"(^|\.)(lora_bias|lora_[ABab]\.bias)(\.|$)", "LoRA biases (lora_bias is not supported yet)"),
+    (r"(^|\.)lora_embedding_[AB](\.|$)", "lone lora_embedding_A/B factors (each needs its pair)"),
+    (r"(^|\.)(lora_bias|lora_[ABab]\.bias)(\.|$)", "LoRA biases without their module's LoRA factors "
+     "(PEFT's lora_bias needs lora_A/lora_B; mlx-lm has no LoRA bias)"),
     (r"(^|\.)modules_to_save(\.|$)", "modules_to_save weights (whole trained modules, not low-rank "
      "deltas; not supported yet)"),
     (r"(^|\.)lora_[ABab](\.weight)?$", "lone LoRA factors (each lora_a/lora_A needs its lora_b/lora_B)"),
@@ -246,17 +288,50 @@ def _typed(config: dict, key: str, types, want: str, where: Path, default=None, 
     return v
 
 
-def _factor_rank(weights: Path, name: str, a, b, layout: str) -> int:
-    """The rank of a module's factors, checked: 2-D, agreeing, no dimension of size 0."""
-    r = None
-    if len(a.shape) == 2 and len(b.shape) == 2 and 0 not in a.shape + b.shape:
-        r, r_b = (a.shape[1], b.shape[0]) if layout == "mlx" else (a.shape[0], b.shape[1])
-        r = r if r == r_b else None
-    if r is None:
-        expected = "(in, r) and (r, out)" if layout == "mlx" else "(r, in) and (out, r)"
-        raise FusionError(f"{weights}: module {name!r} has factor shapes {list(a.shape)} and "
-                          f"{list(b.shape)}, expected {expected} with no size 0")
-    return r
+def _is_embedding(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] in EMBEDDING_NAMES
+
+
+def _module(weights: Path, name: str, a, b, layout: str, kind: str | None = None):
+    """``(kind, rank, experts, in, out)`` of a module's factors, checked: ranks (and expert counts)
+    agreeing, no dimension of size 0. mlx-lm: a linear layer's ``lora_a`` (in, r) and ``lora_b``
+    (r, out); experts (E, r, in) and (E, out, r); an embedding (V, r) and (r, D). PEFT: ``lora_A``
+    (r, in) and ``lora_B`` (out, r); ``lora_embedding_A`` (r, V) and ``lora_embedding_B`` (D, r)."""
+    sa, sb = tuple(a.shape), tuple(b.shape)
+    if kind is None:
+        kind = ("experts" if layout == "mlx" and len(sa) == 3
+                else "embedding" if layout == "mlx" and _is_embedding(name) else "linear")
+    ok = 0 not in sa + sb and len(sa) == len(sb) == (3 if kind == "experts" else 2)
+    if ok and kind == "experts":
+        (e, r, fin), (e_b, fout, r_b) = sa, sb
+        if e != e_b:
+            raise FusionError(f"{weights}: module {name!r} has {e} experts in lora_a {list(sa)} but {e_b} "
+                              f"in lora_b {list(sb)}")
+        if r == r_b:
+            return kind, r, e, fin, fout
+    elif ok:
+        if layout == "mlx":
+            (fin, r), (r_b, fout) = sa, sb
+            if kind == "embedding":  # lora_a (V, r), lora_b (r, D): out = V, in = D
+                fin, fout = fout, fin
+        else:
+            (r, fin), (fout, r_b) = sa, sb
+            if kind == "embedding":  # lora_embedding_A (r, V), lora_embedding_B (D, r)
+                fin, fout = fout, fin
+        if r == r_b:
+            return kind, r, 0, fin, fout
+    expected = {("mlx", "linear"): "(in, r) and (r, out)", ("mlx", "experts"): "(experts, r, in) and "
+                "(experts, out, r)", ("mlx", "embedding"): "(vocabulary, r) and (r, dims)",
+                ("peft", "linear"): "(r, in) and (out, r)",
+                ("peft", "embedding"): "(r, vocabulary) and (dims, r)"}[layout, kind]
+    raise FusionError(f"{weights}: module {name!r} has factor shapes {list(sa)} and "
+                      f"{list(sb)}, expected {expected} with no size 0")
+
+
+def _info(weights: Path, name: str, a, b, layout: str, scale_of, kind: str | None = None,
+          bias_key: str | None = None) -> ModuleInfo:
+    kind, r, e, fin, fout = _module(weights, name, a, b, layout, kind)
+    return ModuleInfo(name, r, fin, fout, scale_of(name, r), a.name, b.name, a.dtype, kind, e, bias_key)
 
 
 def _read_mlx(path: Path, weights: Path, config: dict, tensors: dict) -> Adapter:
@@ -278,8 +353,7 @@ def _read_mlx(path: Path, weights: Path, config: dict, tensors: dict) -> Adapter
             raise FusionError(f"{cfg}: lora_parameters.scale is missing (mlx-lm requires it)")
         scale = float(_num(lp, "scale", path, label="lora_parameters.scale"))
         for name, a, b in pairs:
-            r = _factor_rank(weights, name, a, b, "mlx")
-            modules[name] = ModuleInfo(name, r, a.shape[0], b.shape[1], scale, a.name, b.name, a.dtype)
+            modules[name] = _info(weights, name, a, b, "mlx", lambda n, r: scale)
     adapter = Adapter(path, "mlx", weights, config, modules, ftt, num_layers, base[0] or base[1], extra)
     _check_against_tensors(adapter, rank, keys)
     return adapter
@@ -336,19 +410,38 @@ def _read_peft(path: Path, weights: Path, config: dict, tensors: dict) -> Adapte
     alphas = _patterns(config, "alpha_pattern", path,
                        lambda v, label: _num({label: v}, label, path))
     ranks = _patterns(config, "rank_pattern", path, lambda v, label: _rank(v, label, path))
+    if config.get("target_parameters"):
+        raise FusionError(
+            f"{path / CONFIG_FILE}: target_parameters {_value(config['target_parameters'])}: PEFT's LoRA on "
+            "parameter tensors (fused mixture-of-experts weights) stores each expert's factors interleaved, "
+            "oriented by the model's own parameter layout, which the adapter does not record; not supported "
+            "(PEFT adapters of per-expert linear layers, and mlx-lm's LoRASwitchLinear, are)")
     pairs, extra = _pair_modules(tensors, ".lora_A.weight", ".lora_B.weight", PEFT_PREFIX)
+    emb_pairs, extra = _pair_modules({n: tensors[n] for n in extra}, ".lora_embedding_A", ".lora_embedding_B",
+                                     PEFT_PREFIX)
+    biases = {n[len(PEFT_PREFIX):-len(".lora_B.bias")]: n for n in extra if n.endswith(".lora_B.bias")}
     ignored = [n for n in extra if n.endswith(".base_layer.weight")]
     extra = [n for n in extra if n not in set(ignored)]
-    modules = {}
-    for name, a, b in pairs:
-        rank = _factor_rank(weights, name, a, b, "peft")
+
+    def scale_of(name: str, rank: int) -> float:
         want = _pattern_value(ranks, name, r)
         if want is not None and want != rank:
             raise FusionError(f"{path / CONFIG_FILE}: gives module {name!r} rank {want} (r / rank_pattern) "
                               f"but its lora_A in {weights.name} has rank {rank} (PEFT would refuse it)")
         al = float(_pattern_value(alphas, name, alpha))
-        scale = al / math.sqrt(rank) if rslora else al / rank
-        modules[name] = ModuleInfo(name, rank, a.shape[1], b.shape[0], scale, a.name, b.name, a.dtype)
+        return al / math.sqrt(rank) if rslora else al / rank
+
+    modules = {}
+    for name, a, b in pairs:
+        bias = biases.get(name)
+        if bias is not None and tuple(tensors[bias].shape) != (b.shape[0],):
+            raise FusionError(f"{weights}: module {name!r} has a lora_B.bias of shape "
+                              f"{list(tensors[bias].shape)}, expected [{b.shape[0]}] (its output size)")
+        modules[name] = _info(weights, name, a, b, "peft", scale_of, bias_key=bias)
+    for name, a, b in emb_pairs:
+        modules[name] = _info(weights, name, a, b, "peft", scale_of, kind="embedding")
+    used = {m.bias_key for m in modules.values()}
+    extra = [n for n in extra if n not in used]
     return Adapter(path, "peft", weights, config, modules, ftt, None, base, extra, ignored)
 
 

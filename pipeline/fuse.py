@@ -20,7 +20,7 @@ import numpy as np
 from pipeline import geometry
 from pipeline.errors import FusionError
 from pipeline.formats import Adapter, sha256_file
-from pipeline.writers import mlx_config, output_num_layers, pad_rank, write_mlx
+from pipeline.writers import mlx_config, output_num_layers, pad_rank, peft_config, write_mlx, write_peft
 from pipeline.io import atomic_dir, write_json
 from pipeline.methods import get_method, run_method
 from pipeline.spec import FusionSpec, check_spec, module_params
@@ -89,23 +89,27 @@ def fuse(adapters: list[str | Path], out: str | Path, spec: FusionSpec | None = 
         a.open()
 
     def one(name: str):
+        """Fuse one module: ``(factors, bias or None, {record name: record})``; a mixture-of-experts
+        module is fused expert by expert, each as its own module ``name[e]``."""
         info = info_of[name]
         shape = (info.out_features, info.in_features)
-        sources = []
-        for a in srcs:
-            if name in a.modules:
-                A, B, s = a.factors(name)
-                sources.append((A, B * np.float32(s)))
-            else:
-                sources.append(None)
+        loaded = [a.factors(name) if name in a.modules else None for a in srcs]
         p = module_params(spec, name, info.layer, n_layers, len(srcs))
-        result = run_method(method, sources, shape, p, name)
-        factors = (np.asarray(result.a, np.float32), np.asarray(result.b, np.float32))
-        return factors, {"rank": int(result.rank), "error": float(result.error),
-                         "fused_norm": geometry.lowrank_norm(factors),
-                         **geometry.module_geometry(sources, shape, name)}
+        if info.kind != "experts":
+            sources = [None if f is None else (f[0], f[1] * np.float32(f[2])) for f in loaded]
+            factors, rec = _fuse_module(method, sources, shape, p, name)
+            return factors, _fused_bias(srcs, name, p, method.uses_weights(len(srcs))), {name: rec}
+        parts, recs = [], {}
+        for e in range(info.experts):
+            sources = [None if f is None else (f[0][e], f[1][e] * np.float32(f[2])) for f in loaded]
+            parts.append(_fuse_module(method, sources, shape, p, f"{name}[{e}]"))
+            recs[f"{name}[{e}]"] = parts[-1][1]
+        rank = max(a.shape[0] for (a, _), _ in parts)
+        padded = [pad_rank(a, b, rank) for (a, b), _ in parts]
+        return (np.stack([a for a, _ in padded]), np.stack([b for _, b in padded])), None, recs
 
     fused: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    biases: dict[str, np.ndarray] = {}
     per_module: dict[str, dict] = {}
     hashes = {}
     dense = 0
@@ -116,7 +120,10 @@ def fuse(adapters: list[str | Path], out: str | Path, spec: FusionSpec | None = 
         try:
             hashes = {a.weights_file: pool.submit(sha256_file, a.weights_file) for a in srcs}
             for i, (name, fut) in enumerate(zip(all_modules, [pool.submit(one, n) for n in all_modules])):
-                fused[name], per_module[name] = fut.result()
+                fused[name], bias, recs = fut.result()
+                per_module.update(recs)
+                if bias is not None:
+                    biases[name] = bias
                 if progress:
                     progress(i + 1, len(all_modules))
             hashes = {k: f.result() for k, f in hashes.items()}
@@ -124,11 +131,12 @@ def fuse(adapters: list[str | Path], out: str | Path, spec: FusionSpec | None = 
             pool.shutdown(wait=True, cancel_futures=True)
             raise
 
-    bad = sorted(k for k, (a, b) in fused.items() if not (np.isfinite(a).all() and np.isfinite(b).all()))
+    bad = sorted(k for k, (a, b) in fused.items() if not (np.isfinite(a).all() and np.isfinite(b).all())
+                 or k in biases and not np.isfinite(biases[k]).all())
     if bad:
         raise FusionError(f"the fused factors of {len(bad)} module(s) are not finite in float32 (first: "
                           f"{bad[0]}): the weights or the inputs' scales are too large; nothing was written")
-    rank = max(a.shape[0] for a, _ in fused.values())
+    rank = max(a.shape[-2] for a, _ in fused.values())
     fused = {k: pad_rank(a, b, rank) for k, (a, b) in fused.items()}
     keys = sorted({info_of[k].key for k in fused})
     base = next((a.base_model for a in srcs if a.base_model), None)
@@ -150,11 +158,45 @@ def fuse(adapters: list[str | Path], out: str | Path, spec: FusionSpec | None = 
         "modules": per_module,
         "versions": _versions(),
     }
+    kinds = {k: info_of[k].kind for k in fused}
+    if biases:
+        # mlx-lm's LoRA layers have no bias: a fusion that moves biases is written for PEFT (lora_bias)
+        record["output"]["layout"] = "peft"
+        record["notes"].append(f"{len(biases)} module(s) with LoRA biases: written in the PEFT layout "
+                               "(lora_bias), since mlx-lm's LoRA layers have no bias")
     with atomic_dir(out) as tmp:
-        record["output"]["sha256"] = write_mlx(tmp, fused, config)
+        if biases:
+            peft_cfg = peft_config([info_of[k] for k in fused], rank, 1.0, base)
+            peft_cfg["lora_bias"] = True
+            record["output"]["sha256"] = write_peft(tmp, fused, peft_cfg, kinds=kinds, biases=biases)
+        else:
+            record["output"]["sha256"] = write_mlx(tmp, fused, config, kinds=kinds)
         record["output"]["config_sha256"] = sha256_file(tmp / "adapter_config.json")
         write_json(tmp / "fusion.json", record)
     return record
+
+
+def _fuse_module(method, sources: list, shape: tuple[int, int], p, name: str):
+    """One 2-D module (a linear layer, an embedding or one expert): its factors and record."""
+    result = run_method(method, sources, shape, p, name)
+    factors = (np.asarray(result.a, np.float32), np.asarray(result.b, np.float32))
+    return factors, {"rank": int(result.rank), "error": float(result.error),
+                     "fused_norm": geometry.lowrank_norm(factors),
+                     **geometry.module_geometry(sources, shape, name)}
+
+
+def _fused_bias(srcs: list[Adapter], name: str, p, uses_weights: bool) -> np.ndarray | None:
+    """The weighted sum of the sources' bias deltas ``s_i * bias_i`` (None when no source has one):
+    linear with the fusion's weights (a method that reads ``t`` instead, slerp of two: ``1 - t`` and
+    ``t``), a missing one zero."""
+    found = [(i, a) for i, a in enumerate(srcs) if name in a.modules and a.modules[name].bias_key]
+    if not found:
+        return None
+    coeffs = p.weights if uses_weights else (1.0 - p.t, p.t)
+    total = np.zeros(srcs[found[0][0]].modules[name].out_features, np.float64)
+    for i, a in found:
+        total += float(coeffs[i]) * a.modules[name].scale * a.bias(name).astype(np.float64)
+    return total.astype(np.float32)
 
 
 def _input_record(name: str, a: Adapter, sha256: str) -> dict:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pipeline.destination import check_destination
 from pipeline.errors import FusionError
-from pipeline.formats import Adapter, read_adapter
+from pipeline.formats import Adapter, ModuleInfo, read_adapter
 
 
 @dataclass
@@ -71,16 +71,14 @@ def _cross_checks(adapters: list[Adapter], ignore_base: bool, space: str) -> lis
             if a.base_model and not _same_base(a.base_model, first.base_model):
                 problems.append(f"{a.path}: base model {a.base_model!r} differs from {first.path}'s "
                                 f"{first.base_model!r} (pass --ignore-base if they are the same model)")
-    shapes: dict[str, tuple[tuple[int, int], Adapter]] = {}
+    seen: dict[str, tuple[ModuleInfo, Adapter]] = {}
     for a in adapters:
         for name, m in a.modules.items():
-            shape = (m.out_features, m.in_features)
-            if name in shapes and shapes[name][0] != shape:
-                other = shapes[name][1]
-                problems.append(f"{a.path}: module {name} is {shape[0]}x{shape[1]} (out x in) but "
-                                f"{shapes[name][0][0]}x{shapes[name][0][1]} in {other.path}: "
-                                "not adapters of the same base model")
-            shapes.setdefault(name, (shape, a))
+            if name in seen:
+                problem = _mismatch(name, m, a, *seen[name])
+                if problem:
+                    problems.append(problem)
+            seen.setdefault(name, (m, a))
     if space == "factors":
         ranks = {a.path: a.ranks for a in adapters}
         if len(set().union(*ranks.values())) > 1:
@@ -92,6 +90,44 @@ def _cross_checks(adapters: list[Adapter], ignore_base: bool, space: str) -> lis
             problems.append("--space factors needs every adapter to adapt the same modules; "
                             "use --space delta")
     return problems
+
+
+def _mismatch(name: str, m: ModuleInfo, a: Adapter, first: ModuleInfo, other: Adapter) -> str | None:
+    """Why module ``name`` of ``a`` cannot be fused with the same module of ``other`` (or None)."""
+    if m.kind != first.kind:
+        return (f"{a.path}: module {name} is {_KIND_WORDS[m.kind]} but {_KIND_WORDS[first.kind]} in "
+                f"{other.path}: not adapters of the same base model")
+    if m.kind == "experts" and m.experts != first.experts:
+        return (f"{a.path}: module {name} has {m.experts} experts but {first.experts} in {other.path}: "
+                "not adapters of the same base model")
+    if m.kind == "embedding" and m.out_features != first.out_features:
+        return (f"{a.path}: embedding {name} has a vocabulary of {m.out_features} tokens but "
+                f"{first.out_features} in {other.path} (tokens added or removed): the rows of the two "
+                "tables are not the same tokens, so their deltas cannot be added")
+    shape, want = (m.out_features, m.in_features), (first.out_features, first.in_features)
+    if shape != want:
+        return (f"{a.path}: module {name} is {shape[0]}x{shape[1]} (out x in) but {want[0]}x{want[1]} in "
+                f"{other.path}: not adapters of the same base model")
+    return None
+
+
+_KIND_WORDS = {"linear": "a linear layer", "experts": "a mixture-of-experts layer",
+               "embedding": "an embedding"}
+
+
+def variant_words(a: Adapter) -> str:
+    """What an adapter holds besides LoRA on linear layers, in words ("" for plain LoRA)."""
+    v = a.variants
+    parts = []
+    if "experts" in v:
+        n = sorted({m.experts for m in a.modules.values() if m.kind == "experts"})
+        parts.append(f"{v['experts']} mixture-of-experts module{'s' * (v['experts'] > 1)} "
+                     f"({'/'.join(map(str, n))} experts)")
+    if "embedding" in v:
+        parts.append(f"{v['embedding']} embedding{'s' * (v['embedding'] > 1)}")
+    if "bias" in v:
+        parts.append(f"{v['bias']} LoRA bias{'es' * (v['bias'] > 1)}")
+    return ", ".join(parts)
 
 
 def _notes(adapters: list[Adapter]) -> list[str]:
@@ -117,6 +153,10 @@ def _notes(adapters: list[Adapter]) -> list[str]:
             f"{k} ({', '.join(n for n, d in dtypes.items() if d == k)})" for k in kinds)
         notes.append(f"inputs are {desc}; the output will be float32")
     for a in adapters:
+        words = variant_words(a)
+        if words:
+            notes.append(f"{a.name}: {words}; fused in delta space like linear layers "
+                         "(an adapter without one counts as zero)")
         if a.ignored_tensors:
             n = len(a.ignored_tensors)
             notes.append(f"{a.name}: ignored {n} *.base_layer.weight tensor{'s' * (n > 1)} (base model "

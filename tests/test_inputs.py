@@ -288,16 +288,17 @@ P = "base_model.model."
 EMBED = f"{P}model.embed_tokens"
 PEFT_EXTRAS = {
     # kind: ({tensor: shape}, the words of the reason)
-    "embedding": ({f"{EMBED}.lora_embedding_A": (4, 64), f"{EMBED}.lora_embedding_B": (32, 4)},
-                  "2 tensors of lora_embedding_A/B (embedding LoRA is not supported yet): "
-                  f"{EMBED}.lora_embedding_A, {EMBED}.lora_embedding_B"),
+    "lone embedding factor": ({f"{EMBED}.lora_embedding_A": (4, 64)},
+                              "1 tensor of lone lora_embedding_A/B factors (each needs its pair): "
+                              f"{EMBED}.lora_embedding_A"),
     "modules_to_save (saved)": ({f"{P}lm_head.weight": (64, 32)}, f"1 tensor of full weights (whole trained "
                                 f"modules such as PEFT's modules_to_save"),
     "modules_to_save (raw)": ({f"{P}lm_head.modules_to_save.default.weight": (64, 32)},
                               "1 tensor of modules_to_save weights"),
-    "lora_B.bias": ({f"{P}model.layers.0.self_attn.q_proj.lora_B.bias": (32,)},
-                    "1 tensor of LoRA biases (lora_bias is not supported yet): "
-                    f"{P}model.layers.0.self_attn.q_proj.lora_B.bias"),
+    "lora_B.bias without factors": ({f"{P}model.layers.0.mlp.up_proj.lora_B.bias": (64,)},
+                                    "1 tensor of LoRA biases without their module's LoRA factors (PEFT's "
+                                    f"lora_bias needs lora_A/lora_B; mlx-lm has no LoRA bias): "
+                                    f"{P}model.layers.0.mlp.up_proj.lora_B.bias"),
     "trained bias": ({f"{P}model.layers.0.self_attn.q_proj.base_layer.bias": (32,)},
                      "1 tensor of trained biases (PEFT's bias='all' or 'lora_only'"),
     "DoRA magnitude": ({f"{P}model.layers.{i}.self_attn.q_proj.lora_magnitude_vector": (32,) for i in (0, 1)},
