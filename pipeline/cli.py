@@ -177,17 +177,20 @@ def _human(n: int) -> str:
 def adapter_table(adapters, title: str, root: Path | None = None):
     from rich.table import Table
 
-    from pipeline.validate import _span
+    from pipeline.validate import _span, variant_words
 
     table = Table(title=escape(title))
-    for col in ("adapter", "layout", "rank", "scale", "layers", "modules", "size", "tensors"):
+    variants = [variant_words(a) for a in adapters]
+    cols = ("adapter", "layout", "rank", "scale", "layers", "modules", "size", "tensors")
+    for col in cols + (("variants",) if any(variants) else ()):  # experts, embeddings, biases
         table.add_column(col, justify="right" if col in ("rank", "scale", "size", "tensors") else "left",
                          overflow="fold")
-    for a in adapters:
+    for a, v in zip(adapters, variants):
         shown = a.path.relative_to(root) if root is not None and a.path != root else a.path
         table.add_row(escape(str(shown)), a.layout, ",".join(map(str, sorted(a.ranks))),
                       ",".join(f"{s:g}" for s in sorted(a.scales)), _span(a.layers),
-                      escape(", ".join(sorted(a.keys))), _human(a.size_bytes), str(a.tensor_count))
+                      escape(", ".join(sorted(a.keys))), _human(a.size_bytes), str(a.tensor_count),
+                      *((escape(v or "-"),) if any(variants) else ()))
     return table
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import variant_models as vm
+from pipeline.formats import read_adapter
 from pipeline.fuse import FusionSpec, fuse
 from pipeline.methods import METHODS, ModuleParams
 from pipeline.methods.ops import merge_task_vectors, slerp_pair, source_rng
@@ -135,3 +136,120 @@ def test_plain_lora_on_each_architecture(arch, method, tmp_path):
         model, _ = load(str(case["base"]), adapter_path=str(tmp_path / f"fused_{method}"))
         assert model.args.tie_word_embeddings and "lm_head" not in dict(model.named_modules())
     assert json.loads((tmp_path / f"fused_{method}" / "adapter_config.json").read_text())["fine_tune_type"] == "lora"
+
+
+# --- mixture of experts: mlx-lm's LoRASwitchLinear -------------------------------------------
+
+MOE_KEYS = (["self_attn.q_proj", "mlp.switch_mlp.gate_proj", "mlp.switch_mlp.down_proj"],
+            ["mlp.switch_mlp.up_proj", "mlp.switch_mlp.down_proj"])
+
+
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory):
+    return _pair(tmp_path_factory, "qwen3_moe", *MOE_KEYS, num_layers=(2, 2))
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_experts_fuse_one_by_one(moe, method, tmp_path):
+    """Every method applies to each expert as to a linear layer: mlx-lm's (E, out, in) delta of the
+    output is, expert by expert, the method's result on the sources' experts (a projection one
+    adapter lacks counts as zero there)."""
+    record, got = check_fusion(moe, method, tmp_path)
+    name = "model.layers.0.mlp.switch_mlp.down_proj"
+    assert got[f"{name}.weight"].shape == (4, 32, 16)
+    assert [f"{name}[{e}]" in record["modules"] for e in range(4)] == [True] * 4
+    if method in EXACT:
+        assert record["modules"][f"{name}[0]"]["error"] == 0.0
+
+
+def _rewrite(src, dst, change):
+    """A copy of the adapter ``src`` at ``dst`` with its tensors passed through ``change``."""
+    import shutil
+
+    from pipeline.safetensors_io import SafetensorsFile, write_file
+
+    shutil.copytree(src, dst)
+    f = SafetensorsFile(src / "adapters.safetensors")
+    tensors = change({n: f.get(n) for n in f.tensors})
+    write_file(dst / "adapters.safetensors", tensors, {"format": "mlx"})
+    return dst
+
+
+def test_expert_count_mismatch_is_refused(moe, tmp_path):
+    from pipeline.errors import FusionError
+    from pipeline.validate import validate
+
+    a, b = moe["adapters"]
+    three = _rewrite(b, tmp_path / "three", lambda t: {n: v[:3] if v.ndim == 3 else v for n, v in t.items()})
+    with pytest.raises(FusionError, match=r"module model.layers.0.mlp.switch_mlp.down_proj has 3 experts but 4 in "):
+        validate([a, three])
+    bad = _rewrite(b, tmp_path / "bad", lambda t: {n: v[:3] if n.endswith("lora_b") and v.ndim == 3 else v
+                                                   for n, v in t.items()})
+    with pytest.raises(FusionError, match="has 4 experts in lora_a .* but 3 in lora_b"):
+        read_adapter(bad)
+
+
+def test_validate_and_list_show_experts(moe):
+    from conftest import run_cli
+
+    r = run_cli("validate", *moe["adapters"])
+    assert r.returncode == 0, r.stderr
+    assert "a: 4 mixture-of-experts modules (4 experts)" in r.stdout
+    assert "b: 4 mixture-of-experts modules (4 experts)" in r.stdout
+    r = run_cli("list", moe["root"])
+    assert r.returncode == 0 and "experts" in r.stdout, r.stdout
+
+
+# --- embeddings: mlx-lm's LoRAEmbedding, PEFT's lora_embedding_A/B ------------------------------
+
+EMB_KEYS = {"llama": (["model.embed_tokens", "self_attn.q_proj"], ["self_attn.v_proj"]),   # tied
+            "qwen3": (["model.embed_tokens", "mlp.down_proj"], ["model.embed_tokens", "self_attn.q_proj"])}
+
+
+@pytest.fixture(scope="module", params=list(EMB_KEYS))
+def emb(request, tmp_path_factory):
+    return _pair(tmp_path_factory, request.param, *EMB_KEYS[request.param])
+
+
+@pytest.mark.parametrize("method", ["linear", "concat", "slerp", "ties", "dare_linear"])
+def test_embedding_lora_fuses(emb, method, tmp_path):
+    """The embedding's (V, D) delta fuses like a linear layer's (on llama its tied output head moves
+    with it); an adapter without an embedding LoRA counts as zero."""
+    record, got = check_fusion(emb, method, tmp_path)
+    assert "model.embed_tokens.weight" in got and got["model.embed_tokens.weight"].shape == (259, 32)
+    assert "model.embed_tokens" in record["output"]["keys"]
+
+
+def test_embedding_through_peft_layout_is_the_same_fusion(emb, tmp_path):
+    """Converted to the PEFT layout (lora_embedding_A (r, V), lora_embedding_B (D, r)) and fused with
+    the other adapter as it is, the embedding fuses to the same delta as the mlx-lm originals."""
+    from pipeline.writers import convert
+
+    a, b = emb["adapters"]
+    peft_a = tmp_path / "peft_a"
+    convert(a, peft_a, "peft")
+    from pipeline.safetensors_io import read_header
+
+    tensors, _ = read_header(peft_a / "adapter_model.safetensors")
+    assert tensors["base_model.model.model.embed_tokens.lora_embedding_A"].shape == (4, 259)
+    assert tensors["base_model.model.model.embed_tokens.lora_embedding_B"].shape == (32, 4)
+    assert read_adapter(peft_a).modules["model.embed_tokens"].kind == "embedding"
+    fuse([a, b], tmp_path / "m", FusionSpec(weights=WEIGHTS))
+    fuse([peft_a, b], tmp_path / "p", FusionSpec(weights=WEIGHTS))
+    back = tmp_path / "back"
+    convert(peft_a, back, "mlx")
+    np.testing.assert_allclose(vm.adapter_logits(emb["base"], back), vm.adapter_logits(emb["base"], a), atol=1e-5)
+    np.testing.assert_allclose(vm.adapter_logits(emb["base"], tmp_path / "p"),
+                               vm.adapter_logits(emb["base"], tmp_path / "m"), atol=1e-5)
+
+
+def test_vocabulary_mismatch_is_refused(emb, tmp_path):
+    from pipeline.errors import FusionError
+    from pipeline.validate import validate
+
+    a, _ = emb["adapters"]
+    other = _rewrite(a, tmp_path / "added_tokens",
+                     lambda t: {n: np.concatenate([v, v[:3]]) if n == "model.embed_tokens.lora_a" else v
+                                for n, v in t.items()})
+    with pytest.raises(FusionError, match="embedding model.embed_tokens has a vocabulary of 262 tokens but 259 in"):
+        validate([a, other])
