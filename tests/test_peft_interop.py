@@ -205,17 +205,13 @@ def test_fused_adapter_with_different_module_sets_loads_in_peft(tmp_path):
 # --- what PEFT saves that no output of ours would carry ---------------------------------------
 
 @pytest.mark.parametrize("extra,reason,tensor", [
-    ({"target_modules": TARGETS + ["embed_tokens"]}, "2 tensors of lora_embedding_A/B (embedding LoRA is "
-     "not supported yet)", "base_model.model.model.embed_tokens.lora_embedding_A"),
     ({"modules_to_save": ["lm_head"]}, "1 tensor of full weights", "base_model.model.lm_head.weight"),
-    ({"lora_bias": True}, "6 tensors of LoRA biases (lora_bias is not supported yet)",
-     "base_model.model.model.layers.0.mlp.down_proj.lora_B.bias"),
     ({"use_dora": True}, "DoRA adapter", ""),
-], ids=["embedding", "modules_to_save", "lora_bias", "dora"])
+], ids=["modules_to_save", "dora"])
 def test_peft_extras_are_refused_not_dropped(tmp_path, extra, reason, tensor):
-    """Adapters saved by PEFT itself with embedding LoRA, modules_to_save, LoRA biases or DoRA: every
-    command refuses them with the reason (naming the tensors) instead of writing an output without
-    those tensors."""
+    """Adapters saved by PEFT itself with modules_to_save or DoRA: every command refuses them with the
+    reason (naming the tensors) instead of writing an output without those tensors. (Embedding LoRA
+    and LoRA biases are fused: tests/test_peft_variants.py.)"""
     config = peft.LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": TARGETS, "lora_dropout": 0.0,
                                 "task_type": "CAUSAL_LM", **extra})
     peft.get_peft_model(tiny_llama(), config).save_pretrained(tmp_path / "peft")
