@@ -162,6 +162,8 @@ o_seed = typer.Option(0, "--seed", help="Seed of DARE's random masks and the ran
 o_rule = typer.Option(None, "--rule", help="Per-module override, first match wins: "
                       "'self_attn: {weights: [0.9, 0.1], density: 0.5}'. Repeatable.")
 o_ignore_base = typer.Option(False, "--ignore-base", help="Fuse even if the configs name different base models.")
+o_base = typer.Option(None, "--base", help="The base model's directory: needed (and read) only for adapters "
+                      "whose delta depends on it (DoRA, PEFT modules_to_save).")
 
 
 # --- commands --------------------------------------------------------------------------------
@@ -234,7 +236,7 @@ def validate(
     common_fraction: float = o_common_fraction, inner_method: str = o_inner_method, epsilon: float = o_epsilon,
     gamma: float = o_gamma,
     out_dir: Optional[Path] = typer.Option(None, "--out", help="The planned output directory (checked not to be an input)."),
-    ignore_base: bool = o_ignore_base,
+    ignore_base: bool = o_ignore_base, base: Optional[Path] = o_base,
 ):
     """Check that ADAPTERS can be fused (with these settings); print what was found.
 
@@ -246,7 +248,7 @@ def validate(
     spec = make_spec(len(adapters), method, weights, density, majority_sign_method, t, rank, space, seed, rule,
                      consensus, common_fraction=common_fraction, inner_method=inner_method, epsilon=epsilon,
                      gamma=gamma)
-    result = run(adapters, out_dir, ignore_base=ignore_base, space=spec.space)
+    result = run(adapters, out_dir, ignore_base=ignore_base, space=spec.space, base=base)
     out.print(adapter_table(result.adapters, f"{len(adapters)} adapters can be fused with {spec.method}"))
     for note in result.notes:
         out.print(f"note: {escape(note)}", highlight=False)
@@ -262,7 +264,7 @@ def fuse(
     rank: Optional[int] = o_rank, space: str = o_space, seed: int = o_seed, rule: Optional[List[str]] = o_rule,
     common_fraction: float = o_common_fraction, inner_method: str = o_inner_method, epsilon: float = o_epsilon,
     gamma: float = o_gamma,
-    ignore_base: bool = o_ignore_base,
+    ignore_base: bool = o_ignore_base, base: Optional[Path] = o_base,
 ):
     """Fuse ADAPTERS into one mlx-lm adapter at --out, plus fusion.json (what was done, hashes, errors).
 
@@ -275,7 +277,7 @@ def fuse(
                      gamma=gamma)
     bar, update = progress_bar(f"fusing {len(adapters)} adapters ({spec.method})")
     with bar:
-        record = run(adapters, out_dir, spec, progress=update, ignore_base=ignore_base)
+        record = run(adapters, out_dir, spec, progress=update, ignore_base=ignore_base, base=base)
     o = record["output"]
     for note in record["notes"]:
         out.print(f"note: {escape(note)}", highlight=False)

@@ -58,6 +58,13 @@ class ModuleInfo:
     kind: str = "linear"            # "linear" | "experts" | "embedding"
     experts: int = 0                # number of experts (kind "experts")
     bias_key: str | None = None     # PEFT's lora_B.bias: the layer's bias moves by scale * bias
+    magnitude_key: str | None = None  # DoRA's magnitude vector (out,): the delta needs the base weight
+    full_key: str | None = None     # PEFT's modules_to_save: the whole trained weight (rank 0, no factors)
+
+    @property
+    def needs_base(self) -> bool:
+        """Whether the module's delta depends on the base model's weight (DoRA, modules_to_save)."""
+        return self.magnitude_key is not None or self.full_key is not None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -96,7 +103,8 @@ class Adapter:
 
     @property
     def ranks(self) -> set[int]:
-        return {m.rank for m in self.modules.values()}
+        """The LoRA ranks (a module_to_save, a whole weight, has none)."""
+        return {m.rank for m in self.modules.values() if m.full_key is None} or {0}
 
     @property
     def scales(self) -> set[float]:
@@ -116,7 +124,8 @@ class Adapter:
 
     @property
     def tensor_count(self) -> int:
-        return sum(2 + (m.bias_key is not None) for m in self.modules.values()) + len(self.extra_tensors)
+        return sum(1 if m.full_key else 2 + (m.bias_key is not None) + (m.magnitude_key is not None)
+                   for m in self.modules.values()) + len(self.extra_tensors)
 
     def open(self) -> SafetensorsFile:
         if self._file is None:
@@ -136,6 +145,14 @@ class Adapter:
             a, b = a.T, b.T
         return np.ascontiguousarray(a), np.ascontiguousarray(b), info.scale
 
+    def magnitude(self, module: str) -> np.ndarray:
+        """DoRA's magnitude vector of one module (out,), float32."""
+        return np.ascontiguousarray(self.open().get(self.modules[module].magnitude_key))
+
+    def full_weight(self, module: str) -> np.ndarray:
+        """A module_to_save's whole trained weight (out, in), float32."""
+        return np.ascontiguousarray(self.open().get(self.modules[module].full_key))
+
     def bias(self, module: str) -> np.ndarray | None:
         """The LoRA bias of one module (out,), float32, before the scale; None if it has none."""
         info = self.modules[module]
@@ -150,6 +167,10 @@ class Adapter:
                 out[m.kind] = out.get(m.kind, 0) + 1
             if m.bias_key:
                 out["bias"] = out.get("bias", 0) + 1
+            if m.magnitude_key:
+                out["dora"] = out.get("dora", 0) + 1
+            if m.full_key:
+                out["modules_to_save"] = out.get("modules_to_save", 0) + 1
         return out
 
     def check_finite(self) -> list[str]:
@@ -352,11 +373,29 @@ def _read_mlx(path: Path, weights: Path, config: dict, tensors: dict) -> Adapter
         if "scale" not in lp:
             raise FusionError(f"{cfg}: lora_parameters.scale is missing (mlx-lm requires it)")
         scale = float(_num(lp, "scale", path, label="lora_parameters.scale"))
+        mags = {n[:-len(".m")]: n for n in extra if n.endswith(".m")} if ftt == "dora" else {}
         for name, a, b in pairs:
-            modules[name] = _info(weights, name, a, b, "mlx", lambda n, r: scale)
+            info = _info(weights, name, a, b, "mlx", lambda n, r: scale)
+            if ftt == "dora":
+                info = _with_magnitude(weights, info, mags.get(name), tensors)
+            modules[name] = info
+        extra = [n for n in extra if n not in {m.magnitude_key for m in modules.values()}]
     adapter = Adapter(path, "mlx", weights, config, modules, ftt, num_layers, base[0] or base[1], extra)
     _check_against_tensors(adapter, rank, keys)
     return adapter
+
+
+def _with_magnitude(weights: Path, info: ModuleInfo, key: str | None, tensors: dict) -> ModuleInfo:
+    """A DoRA module: its magnitude vector, one entry per output row (per token of an embedding)."""
+    from dataclasses import replace
+
+    if key is None:
+        raise FusionError(f"{weights}: DoRA module {info.name!r} has no magnitude vector (.m / "
+                          "lora_magnitude_vector)")
+    if info.kind == "experts" or tuple(tensors[key].shape) != (info.out_features,):
+        raise FusionError(f"{weights}: DoRA magnitude {key!r} has shape {list(tensors[key].shape)}, expected "
+                          f"[{info.out_features}] for a {info.kind} module")
+    return replace(info, magnitude_key=key)
 
 
 def _check_against_tensors(adapter: Adapter, rank: int | None, keys: list[str] | None) -> None:
@@ -440,21 +479,36 @@ def _read_peft(path: Path, weights: Path, config: dict, tensors: dict) -> Adapte
         modules[name] = _info(weights, name, a, b, "peft", scale_of, bias_key=bias)
     for name, a, b in emb_pairs:
         modules[name] = _info(weights, name, a, b, "peft", scale_of, kind="embedding")
-    used = {m.bias_key for m in modules.values()}
+    if use_dora:
+        mags = {n[len(PEFT_PREFIX):-len(".lora_magnitude_vector")]: n for n in extra
+                if n.endswith(".lora_magnitude_vector")}
+        for name, info in list(modules.items()):
+            if info.kind == "embedding":
+                raise FusionError(f"{weights}: DoRA on the embedding {name!r} (PEFT): not supported")
+            modules[name] = _with_magnitude(weights, info, mags.get(name), tensors)
+    saved = _typed(config, "modules_to_save", (list,), "a list of module names", path, []) or []
+    for n in list(extra):
+        stem = n[len(PEFT_PREFIX):] if n.startswith(PEFT_PREFIX) else n
+        stem = stem.replace(".modules_to_save.default.", ".")
+        if not stem.endswith(".weight") or len(tensors[n].shape) != 2:
+            continue
+        name = stem[: -len(".weight")]
+        if name in modules or not any(name == k or name.endswith("." + k) for k in saved if isinstance(k, str)):
+            continue
+        out_f, in_f = tensors[n].shape
+        kind = "embedding" if _is_embedding(name) else "linear"
+        modules[name] = ModuleInfo(name, 0, in_f, out_f, 1.0, "", "", tensors[n].dtype, kind, full_key=n)
+    used = {k for m in modules.values() for k in (m.bias_key, m.magnitude_key, m.full_key)}
     extra = [n for n in extra if n not in used]
     return Adapter(path, "peft", weights, config, modules, ftt, None, base, extra, ignored)
 
 
 def refuse_unfusable(adapter: Adapter) -> None:
-    """Refuse what is not a plain LoRA adapter, with the reason: DoRA and full fine-tunes are not
-    low-rank deltas, and a tensor that is neither a LoRA factor nor an ignored base-weight copy
-    would be lost from every output."""
-    if adapter.fine_tune_type == "dora":
-        raise FusionError(
-            f"{adapter.path}: DoRA adapter (fine_tune_type dora): its magnitude vector rescales the "
-            "whole fused weight, so it is not a low-rank delta and cannot be fused exactly; "
-            "retrain it as LoRA or fuse it into the base model first")
-    if adapter.fine_tune_type != "lora":
+    """Refuse what is not a LoRA (or DoRA) adapter, with the reason: full fine-tunes are not
+    low-rank deltas, and a tensor that is neither a LoRA factor (or bias, DoRA magnitude,
+    module_to_save) nor an ignored base-weight copy would be lost from every output. Modules whose
+    delta needs the base model (DoRA, modules_to_save) are refused later, where no base is given."""
+    if adapter.fine_tune_type not in ("lora", "dora"):
         raise FusionError(
             f"{adapter.path}: {adapter.fine_tune_type!r} fine-tune, not a LoRA adapter: it holds full "
             "weights, not a low-rank delta, so there is nothing to fuse here")

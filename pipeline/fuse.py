@@ -11,6 +11,7 @@ Parameters resolve per module as :mod:`pipeline.spec` says.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
@@ -68,17 +69,25 @@ def _versions() -> dict[str, str]:
 
 def fuse(adapters: list[str | Path], out: str | Path, spec: FusionSpec | None = None, *,
          progress: Callable[[int, int], None] | None = None, ignore_base: bool = False,
-         names: list[str] | None = None) -> dict:
+         names: list[str] | None = None, base: str | Path | None = None) -> dict:
     """Fuse ``adapters`` into ``out`` (an mlx-lm adapter directory) and return the fusion record.
 
     Validation runs first; nothing is written when it fails. ``progress(done, total)`` is called
-    after each module.
+    after each module. ``base`` (the base model's directory) is read only when an adapter's delta
+    depends on it (DoRA, modules_to_save; :mod:`pipeline.base_weights`): each such module's exact
+    dense delta is fused like any other, and written as plain LoRA of the output rank (default:
+    the largest LoRA rank among its sources) with the re-factoring error recorded.
     """
     spec = spec or FusionSpec()
     check_spec(spec, len(adapters))
     method = get_method(spec.method)
-    checked = validate(adapters, out, ignore_base=ignore_base, space=spec.space)
+    checked = validate(adapters, out, ignore_base=ignore_base, space=spec.space, base=base)
     srcs = checked.adapters
+    base_w = None
+    if any(m.needs_base for a in srcs for m in a.modules.values()):
+        from pipeline.base_weights import BaseWeights
+
+        base_w = BaseWeights(base)
     names = names or [a.name for a in srcs]
     info_of = {n: m for a in reversed(srcs) for n, m in a.modules.items()}
     all_modules = sorted(info_of, key=_module_order)
@@ -93,8 +102,12 @@ def fuse(adapters: list[str | Path], out: str | Path, spec: FusionSpec | None = 
         module is fused expert by expert, each as its own module ``name[e]``."""
         info = info_of[name]
         shape = (info.out_features, info.in_features)
-        loaded = [a.factors(name) if name in a.modules else None for a in srcs]
+        loaded = [_source(a, name, base_w) if name in a.modules else None for a in srcs]
         p = module_params(spec, name, info.layer, n_layers, len(srcs))
+        if p.rank is None and any(a.modules[name].needs_base for a in srcs if name in a.modules):
+            # a dense delta (DoRA, module_to_save) is not low-rank: written at the sources' LoRA rank
+            ranks = [a.modules[name].rank for a in srcs if name in a.modules and a.modules[name].rank]
+            p = replace(p, rank=max(ranks or [r for a in srcs for r in a.ranks]))
         if info.kind != "experts":
             sources = [None if f is None else (f[0], f[1] * np.float32(f[2])) for f in loaded]
             factors, rec = _fuse_module(method, sources, shape, p, name)
@@ -159,6 +172,11 @@ def fuse(adapters: list[str | Path], out: str | Path, spec: FusionSpec | None = 
         "versions": _versions(),
     }
     kinds = {k: info_of[k].kind for k in fused}
+    dense = sorted({v for a in srcs for v in ("dora", "modules_to_save") if v in a.variants})
+    if dense:
+        record["notes"].append(f"{' and '.join(dense)} deltas computed from the base model {base}, fused in "
+                               "delta space and written as plain LoRA (re-factoring error per module)")
+        record["base_model_path"] = str(base)
     if biases:
         # mlx-lm's LoRA layers have no bias: a fusion that moves biases is written for PEFT (lora_bias)
         record["output"]["layout"] = "peft"
@@ -174,6 +192,16 @@ def fuse(adapters: list[str | Path], out: str | Path, spec: FusionSpec | None = 
         record["output"]["config_sha256"] = sha256_file(tmp / "adapter_config.json")
         write_json(tmp / "fusion.json", record)
     return record
+
+
+def _source(a: Adapter, name: str, base_w) -> tuple[np.ndarray, np.ndarray, float]:
+    """``(A, B, scale)`` of one source module; a module whose delta needs the base model (DoRA,
+    module_to_save) as the exact factors of its dense delta, scale 1."""
+    if not a.modules[name].needs_base:
+        return a.factors(name)
+    from pipeline.base_weights import as_factors, dense_delta
+
+    return (*as_factors(dense_delta(a, name, base_w)), 1.0)
 
 
 def _fuse_module(method, sources: list, shape: tuple[int, int], p, name: str):

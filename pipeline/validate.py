@@ -27,7 +27,7 @@ def _same_base(a: str, b: str) -> bool:
 
 
 def validate(paths: list[str | Path], out: str | Path | None = None, *, check_data: bool = True,
-             ignore_base: bool = False, space: str = "delta") -> Validation:
+             ignore_base: bool = False, space: str = "delta", base: str | Path | None = None) -> Validation:
     """Check adapters for fusion; raise one FusionError listing every problem (one per line)."""
     problems: list[str] = []
     adapters: list[Adapter] = []
@@ -48,6 +48,14 @@ def validate(paths: list[str | Path], out: str | Path | None = None, *, check_da
             if bad:
                 problems.append(f"{a.weights_file}: tensor {bad[0]!r} holds NaN or Inf values"
                                 + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
+        need = a.variants
+        if base is None and ("dora" in need or "modules_to_save" in need):
+            what = (f"DoRA adapter ({need['dora']} modules: its delta m (W + s B A) / |W + s B A| - W "
+                    "depends on the base weight W)" if "dora" in need else
+                    f"{need['modules_to_save']} modules_to_save tensors (whole trained weights: their delta "
+                    "is the weight minus the base's)")
+            problems.append(f"{a.path}: {what}; fusing it needs the base model's weights "
+                            "(--base MODEL_DIR)")
         adapters.append(a)
     if out is not None:
         try:
@@ -127,6 +135,10 @@ def variant_words(a: Adapter) -> str:
         parts.append(f"{v['embedding']} embedding{'s' * (v['embedding'] > 1)}")
     if "bias" in v:
         parts.append(f"{v['bias']} LoRA bias{'es' * (v['bias'] > 1)}")
+    if "dora" in v:
+        parts.append(f"DoRA on {v['dora']} module{'s' * (v['dora'] > 1)}")
+    if "modules_to_save" in v:
+        parts.append(f"{v['modules_to_save']} modules_to_save (whole weights)")
     return ", ".join(parts)
 
 

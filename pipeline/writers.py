@@ -125,6 +125,11 @@ def convert(src: str | Path, out: str | Path, to: str) -> Adapter:
     bad = adapter.check_finite()
     if bad:
         raise FusionError(f"{adapter.weights_file}: tensor {bad[0]!r} holds NaN or Inf values")
+    if any(m.needs_base for m in adapter.modules.values()):
+        what = "DoRA adapter" if adapter.fine_tune_type == "dora" else "modules_to_save tensors"
+        raise FusionError(f"{adapter.path}: {what}: its delta depends on the base model's weights, so a copy "
+                          "of its tensors in the other layout is not guaranteed to be the same adapter; "
+                          "fuse it (with --base) to get a plain LoRA")
     if to == "mlx" and any(m.bias_key for m in adapter.modules.values()):
         raise FusionError(f"{adapter.weights_file}: has LoRA biases (lora_B.bias), which mlx-lm's LoRA layers "
                           "cannot hold; keep the PEFT layout")

@@ -93,12 +93,13 @@ def expected_masked(method: str, deltas: list[dict], weights, module_of) -> dict
     return out
 
 
-def check_fusion(case: dict, method: str, tmp_path, weights=WEIGHTS, **spec):
+def check_fusion(case: dict, method: str, tmp_path, weights=WEIGHTS, base=None, exact_logits=True, **spec):
     """Fuse the case's adapters with ``method``; mlx-lm loads the output; its logits equal the base
     model's with the fused delta written in; that delta is the method's result on mlx-lm's deltas
     (exactly for the exact methods, within the recorded re-factoring error for the others)."""
     out = tmp_path / f"fused_{method}"
-    record = fuse(case["adapters"], out, FusionSpec(method=method, weights=weights, t=T, density=0.5, **spec))
+    record = fuse(case["adapters"], out, FusionSpec(method=method, weights=weights, t=T, density=0.5, **spec),
+                  base=base)
     got_logits, got = vm.fused_layers_logits(case["base"], out)
     loaded = vm.adapter_logits(case["base"], out)
     np.testing.assert_allclose(loaded, got_logits, atol=2e-4, rtol=1e-4)   # mlx-lm loads what it fuses
@@ -117,7 +118,7 @@ def check_fusion(case: dict, method: str, tmp_path, weights=WEIGHTS, **spec):
         recorded = max((m["error"] for n, m in record["modules"].items() if n == mod or n.startswith(mod + "[")),
                        default=0.0)
         assert err <= recorded * 1.05 + 2e-5, (k, err, recorded)
-    if method in EXACT:
+    if method in EXACT and exact_logits:
         base_logits = vm.adapter_logits(case["base"], None)
         assert np.abs(loaded - base_logits).max() > 1e-3  # the adapters change the model
         np.testing.assert_allclose(loaded, vm.reference_logits(case["base"], want), atol=3e-4, rtol=1e-4)
@@ -253,3 +254,42 @@ def test_vocabulary_mismatch_is_refused(emb, tmp_path):
                                 for n, v in t.items()})
     with pytest.raises(FusionError, match="embedding model.embed_tokens has a vocabulary of 262 tokens but 259 in"):
         validate([a, other])
+
+
+# --- DoRA: mlx-lm's fine_tune_type dora, fused from the base model's weights ---------------------
+
+@pytest.fixture(scope="module")
+def dora(tmp_path_factory):
+    return _pair(tmp_path_factory, "qwen3", None, ["self_attn.q_proj", "mlp.down_proj"], ftt=("dora", "lora"))
+
+
+def test_dora_needs_the_base_model(dora, tmp_path):
+    from conftest import run_cli
+
+    a, b = dora["adapters"]
+    r = run_cli("fuse", a, b, "--out", tmp_path / "out")
+    assert r.returncode == 2 and not (tmp_path / "out").exists()
+    assert r.stderr.startswith(f"error: {a}: DoRA adapter (14 modules") and "--base" in r.stderr
+    r = run_cli("validate", a, b, "--base", dora["base"])
+    assert r.returncode == 0 and "a: DoRA on 14 modules" in r.stdout, r.stderr
+
+
+@pytest.mark.parametrize("method", ["linear", "concat", "slerp", "ties", "dare_linear"])
+def test_dora_fuses_exactly_at_full_rank(dora, method, tmp_path):
+    """Each DoRA source's delta is mlx-lm's own DoRA fuse() minus the base; at a rank that holds it
+    the plain LoRA written reproduces the method's result on those deltas."""
+    record, _ = check_fusion(dora, method, tmp_path, rank=64, base=dora["base"])
+    cfg = json.loads((tmp_path / f"fused_{method}" / "adapter_config.json").read_text())
+    assert cfg["fine_tune_type"] == "lora" and any("dora deltas computed" in n for n in record["notes"])
+
+
+def test_dora_at_the_default_rank_records_its_error(dora, tmp_path):
+    """At the default rank (the sources' largest LoRA rank) the DoRA delta, not low-rank, is cut: the
+    recorded error is the measured one."""
+    record, got = check_fusion(dora, "linear", tmp_path, base=dora["base"], exact_logits=False)
+    assert record["output"]["rank"] == 4
+    want = expected_exact("linear", dora["deltas"], WEIGHTS, T)
+    name = "model.layers.0.mlp.gate_proj"
+    err = np.linalg.norm(got[f"{name}.weight"] - want[f"{name}.weight"]) / np.linalg.norm(want[f"{name}.weight"])
+    assert record["modules"][name]["error"] > 1e-3
+    assert abs(err - record["modules"][name]["error"]) < 1e-4
