@@ -126,3 +126,41 @@ def test_lora_bias_saved_by_peft(tmp_path):
     check_fused(tmp_path / "f", [d1, d2])
     r = run_cli("convert", tmp_path / "f", "--to", "mlx", "--out", tmp_path / "m")
     assert r.returncode == 2 and "mlx-lm's LoRA layers cannot hold" in r.stderr and not (tmp_path / "m").exists()
+
+
+def mlx_loadable_base(path):
+    """The PEFT tests' base model saved by transformers with the byte tokenizer: ``mlx_lm.load``
+    loads it (mlx-lm's llama reads transformers' names), so it can be the fusion's --base."""
+    from pipeline.demo.tinymodel import write_byte_tokenizer
+
+    tiny_llama().save_pretrained(path, safe_serialization=True)
+    write_byte_tokenizer(path)
+    return path
+
+
+@pytest.mark.parametrize("extra", [{"use_dora": True, "target_modules": ["q_proj", "down_proj"]},
+                                   {"modules_to_save": ["lm_head"], "target_modules": ["q_proj"]}],
+                         ids=["dora", "modules_to_save"])
+def test_adapters_that_need_the_base_saved_by_peft(tmp_path, extra):
+    """PEFT DoRA (m (W + s B A) / |W + s B A| per output row) and modules_to_save (a whole trained
+    lm_head): with --base, each source's delta is what PEFT merges; the fusion, a plain LoRA at a
+    rank that holds the dense deltas, loads in PEFT and merges to their weighted sum."""
+    d1 = peft_adapter(tmp_path / "a", 1, **extra)
+    d2 = peft_adapter(tmp_path / "b", 2, target_modules=["q_proj", "v_proj"])
+    if "modules_to_save" in extra:  # PEFT copies lm_head: give the copy a delta of its own
+        from safetensors.numpy import load_file, save_file
+
+        f = tmp_path / "a" / "adapter_model.safetensors"
+        tensors = load_file(str(f))
+        tensors["base_model.model.lm_head.weight"] += np.random.default_rng(3).normal(
+            0, 0.05, tensors["base_model.model.lm_head.weight"].shape).astype(np.float32)
+        save_file(tensors, str(f), metadata={"format": "pt"})
+        d1 = merged_deltas(peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "a")).eval())
+        assert "lm_head.weight" in d1
+    base = mlx_loadable_base(tmp_path / "base")
+    r = run_cli("fuse", tmp_path / "a", tmp_path / "b", "--out", tmp_path / "f")
+    assert r.returncode == 2 and "--base" in r.stderr and not (tmp_path / "f").exists()
+    cli("fuse", tmp_path / "a", tmp_path / "b", "--weights", "0.7,0.4", "--rank", "64", "--base", base,
+        "--out", tmp_path / "f")
+    cli("convert", tmp_path / "f", "--to", "peft", "--out", tmp_path / "p")
+    check_fused(tmp_path / "p", [d1, d2])
