@@ -293,3 +293,16 @@ def test_dora_at_the_default_rank_records_its_error(dora, tmp_path):
     err = np.linalg.norm(got[f"{name}.weight"] - want[f"{name}.weight"]) / np.linalg.norm(want[f"{name}.weight"])
     assert record["modules"][name]["error"] > 1e-3
     assert abs(err - record["modules"][name]["error"]) < 1e-4
+
+
+def test_dora_on_a_quantized_base(tmp_path_factory, tmp_path):
+    """DoRA trained on a quantized base (mlx-lm's QLoRA-style DoRA): the delta is taken from the
+    dequantized weight, as mlx-lm's DoRALinear does; the fusion is exact at full rank."""
+    root = tmp_path_factory.mktemp("quantized")
+    base = vm.quantize(vm.build_model("qwen3", root / "full", seed=0), root / "base")
+    assert "quantization" in json.loads((base / "config.json").read_text())
+    a = vm.train_adapter(base, root / "a", seed=1, keys=["self_attn.q_proj", "mlp.up_proj"], rank=4,
+                         fine_tune_type="dora")
+    b = vm.train_adapter(base, root / "b", seed=2, keys=["self_attn.q_proj"], rank=2, fine_tune_type="dora")
+    case = {"base": base, "adapters": [a, b], "deltas": [vm.fused_layers_logits(base, p)[1] for p in (a, b)]}
+    check_fusion(case, "linear", tmp_path, rank=64, base=base)

@@ -53,6 +53,20 @@ def build_model(arch: str, path: Path, seed: int = 0) -> Path:
     return Path(path)
 
 
+def quantize(src: Path, dst: Path, bits: int = 8) -> Path:
+    """``src`` quantized by mlx-lm (group size 32, ``bits`` bits) and saved at ``dst``."""
+    from mlx_lm import load
+    from mlx_lm.utils import quantize_model
+
+    from pipeline.demo.tinymodel import save_model
+
+    model, _ = load(str(src))
+    config = json.loads((Path(src) / "config.json").read_text())
+    model, config = quantize_model(model, config, group_size=32, bits=bits)
+    save_model(model, config, dst)
+    return Path(dst)
+
+
 TEXTS = ["the quick brown fox jumps over the lazy dog", "pack my box with five dozen liquor jugs",
          "how vexingly quick daft zebras jump", "sphinx of black quartz, judge my vow"]
 
@@ -99,13 +113,27 @@ def train_adapter(base: Path, out: Path, seed: int, *, keys: list[str] | None = 
     return out
 
 
-def base_weights(base: Path) -> dict[str, np.ndarray]:
-    """The base model's parameters as mlx-lm holds them after loading (float64 numpy)."""
-    from mlx.utils import tree_flatten
+def load_dense(base: Path, adapter: Path | None = None):
+    """``mlx_lm.load`` of ``base`` (and ``adapter``), with a quantized base's layers dequantized by
+    mlx-lm (the weights a LoRA layer on the quantized base adds its delta to)."""
     from mlx_lm import load
+    from mlx_lm.utils import dequantize_model
 
     model, _ = load(str(base))
-    return {k: np.array(v, dtype=np.float64) for k, v in tree_flatten(model.parameters())}
+    model = dequantize_model(model)
+    if adapter is not None:
+        from mlx_lm.tuner.utils import load_adapters
+
+        model = load_adapters(model, str(adapter))
+    model.eval()
+    return model
+
+
+def base_weights(base: Path) -> dict[str, np.ndarray]:
+    """The base model's parameters as mlx-lm holds them after loading (float64 numpy; dequantized)."""
+    from mlx.utils import tree_flatten
+
+    return {k: np.array(v, dtype=np.float64) for k, v in tree_flatten(load_dense(base).parameters())}
 
 
 def logits(model, tokens) -> np.ndarray:
@@ -129,9 +157,8 @@ def reference_logits(base: Path, deltas: dict[str, np.ndarray]) -> np.ndarray:
     """Logits of the base model with ``deltas`` (parameter name -> dense delta) added to its weights."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
-    from mlx_lm import load
 
-    model, _ = load(str(base))
+    model = load_dense(base)
     params = dict(tree_flatten(model.parameters()))
     updates = [(k, mx.array((np.array(params[k], np.float64) + d).astype(np.float32))) for k, d in deltas.items()]
     model.load_weights(updates, strict=False)
@@ -144,9 +171,12 @@ def fused_layers_logits(base: Path, adapter: Path) -> tuple[np.ndarray, dict[str
     from mlx.utils import tree_flatten, tree_unflatten
     from mlx_lm import load
 
-    model, _ = load(str(base), adapter_path=str(adapter))
-    fused = [(n, m.fuse()) for n, m in model.named_modules() if hasattr(m, "fuse")]
+    model, _ = load(str(base), adapter_path=str(adapter))  # on a quantized base: fuse() dequantizes
+    fused = [(n, m.fuse(dequantize=True)) for n, m in model.named_modules() if hasattr(m, "fuse")]
     model.update_modules(tree_unflatten(fused))
+    from mlx_lm.utils import dequantize_model
+
+    model = dequantize_model(model)  # the layers without an adapter, on a quantized base
     base_p = base_weights(base)
     after = {k: np.array(v, dtype=np.float64) for k, v in tree_flatten(model.parameters())}
     deltas = {k: after[k] - base_p[k] for k in base_p if k in after and not np.array_equal(after[k], base_p[k])}
