@@ -243,7 +243,8 @@ def _pair_modules(tensors: dict, suffix_a: str, suffix_b: str, prefix: str = "")
 # Tensors that are not LoRA factor pairs, and why each kind cannot be used (first match wins).
 _UNUSABLE = [
     (r"(^|\.)lora_magnitude_vector(\.|$)|\.m$",
-     "DoRA magnitude vectors (DoRA is not a low-rank delta, so it cannot be fused exactly)"),
+     "DoRA magnitude vectors in an adapter whose config does not say DoRA (fine_tune_type dora / "
+     "use_dora), or of a module without LoRA factors"),
     (r"(^|\.)lora_embedding_[AB](\.|$)", "lone lora_embedding_A/B factors (each needs its pair)"),
     (r"(^|\.)(lora_bias|lora_[ABab]\.bias)(\.|$)", "LoRA biases without their module's LoRA factors "
      "(PEFT's lora_bias needs lora_A/lora_B; mlx-lm has no LoRA bias)"),
@@ -390,7 +391,7 @@ def _with_magnitude(weights: Path, info: ModuleInfo, key: str | None, tensors: d
     from dataclasses import replace
 
     if key is None:
-        raise FusionError(f"{weights}: DoRA module {info.name!r} has no magnitude vector (.m / "
+        raise FusionError(f"{weights}: DoRA adapter, but module {info.name!r} has no magnitude vector (.m / "
                           "lora_magnitude_vector)")
     if info.kind == "experts" or tuple(tensors[key].shape) != (info.out_features,):
         raise FusionError(f"{weights}: DoRA magnitude {key!r} has shape {list(tensors[key].shape)}, expected "

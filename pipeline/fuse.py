@@ -172,9 +172,9 @@ def fuse(adapters: list[str | Path], out: str | Path, spec: FusionSpec | None = 
         "versions": _versions(),
     }
     kinds = {k: info_of[k].kind for k in fused}
-    dense = sorted({v for a in srcs for v in ("dora", "modules_to_save") if v in a.variants})
-    if dense:
-        record["notes"].append(f"{' and '.join(dense)} deltas computed from the base model {base}, fused in "
+    from_base = sorted({v for a in srcs for v in ("dora", "modules_to_save") if v in a.variants})
+    if from_base:
+        record["notes"].append(f"{' and '.join(from_base)} deltas computed from the base model {base}, fused in "
                                "delta space and written as plain LoRA (re-factoring error per module)")
         record["base_model_path"] = str(base)
     if biases:

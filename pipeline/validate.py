@@ -88,6 +88,10 @@ def _cross_checks(adapters: list[Adapter], ignore_base: bool, space: str) -> lis
                     problems.append(problem)
             seen.setdefault(name, (m, a))
     if space == "factors":
+        for a in adapters:
+            if any(m.needs_base for m in a.modules.values()):
+                problems.append(f"{a.path}: DoRA or modules_to_save modules have no factors to average "
+                                "(their delta is computed from the base model); use --space delta")
         ranks = {a.path: a.ranks for a in adapters}
         if len(set().union(*ranks.values())) > 1:
             desc = ", ".join(f"{p.name}: {sorted(r)}" for p, r in ranks.items())
