@@ -88,6 +88,7 @@ def fuse(adapters: list[str | Path], out: str | Path, spec: FusionSpec | None = 
         from pipeline.base_weights import BaseWeights
 
         base_w = BaseWeights(base)
+    base_dir = base
     names = names or [a.name for a in srcs]
     info_of = {n: m for a in reversed(srcs) for n, m in a.modules.items()}
     all_modules = sorted(info_of, key=_module_order)
@@ -174,9 +175,9 @@ def fuse(adapters: list[str | Path], out: str | Path, spec: FusionSpec | None = 
     kinds = {k: info_of[k].kind for k in fused}
     from_base = sorted({v for a in srcs for v in ("dora", "modules_to_save") if v in a.variants})
     if from_base:
-        record["notes"].append(f"{' and '.join(from_base)} deltas computed from the base model {base}, fused in "
-                               "delta space and written as plain LoRA (re-factoring error per module)")
-        record["base_model_path"] = str(base)
+        record["notes"].append(f"{' and '.join(from_base)} deltas computed from the base model {base_dir}, fused "
+                               "in delta space and written as plain LoRA (re-factoring error per module)")
+        record["base_model_path"] = str(base_dir)
     if biases:
         # mlx-lm's LoRA layers have no bias: a fusion that moves biases is written for PEFT (lora_bias)
         record["output"]["layout"] = "peft"

@@ -280,7 +280,8 @@ def test_dora_fuses_exactly_at_full_rank(dora, method, tmp_path):
     the plain LoRA written reproduces the method's result on those deltas."""
     record, _ = check_fusion(dora, method, tmp_path, rank=64, base=dora["base"])
     cfg = json.loads((tmp_path / f"fused_{method}" / "adapter_config.json").read_text())
-    assert cfg["fine_tune_type"] == "lora" and any("dora deltas computed" in n for n in record["notes"])
+    assert cfg["fine_tune_type"] == "lora" and record["base_model_path"] == str(dora["base"])
+    assert f"dora deltas computed from the base model {dora['base']}" in " ".join(record["notes"])
 
 
 def test_dora_at_the_default_rank_records_its_error(dora, tmp_path):
