@@ -311,7 +311,7 @@ MLX_EXTRAS = {
                     "model.layers.0.mlp.up_proj.lora_a"),
     "DoRA m": ({f"model.layers.{i}.self_attn.{k}.m": (32,) for i in (0, 1) for k in ("q_proj", "v_proj")},
                "4 tensors of DoRA magnitude vectors in an adapter whose config does not say DoRA "
-               "(fine_tune_type dora / use_dora), or of a module without LoRA factors): "
+               "(fine_tune_type dora / use_dora), or of a module without LoRA factors: "
                "model.layers.0.self_attn.q_proj.m, model.layers.0.self_attn.v_proj.m, "
                "model.layers.1.self_attn.q_proj.m and 1 more"),
     "embedding": ({"model.embed_tokens.weight": (64, 32)}, "1 tensor of full weights"),
