@@ -212,7 +212,7 @@ def emb(request, tmp_path_factory):
     return _pair(tmp_path_factory, request.param, *EMB_KEYS[request.param])
 
 
-@pytest.mark.parametrize("method", ["linear", "concat", "slerp", "ties", "dare_linear"])
+@pytest.mark.parametrize("method", list(METHODS))
 def test_embedding_lora_fuses(emb, method, tmp_path):
     """The embedding's (V, D) delta fuses like a linear layer's (on llama its tied output head moves
     with it); an adapter without an embedding LoRA counts as zero."""
@@ -260,7 +260,9 @@ def test_vocabulary_mismatch_is_refused(emb, tmp_path):
 
 @pytest.fixture(scope="module")
 def dora(tmp_path_factory):
-    return _pair(tmp_path_factory, "qwen3", None, ["self_attn.q_proj", "mlp.down_proj"], ftt=("dora", "lora"))
+    every = [f"self_attn.{k}_proj" for k in "qkvo"] + [f"mlp.{k}_proj" for k in ("gate", "up", "down")]
+    return _pair(tmp_path_factory, "qwen3", every + ["model.embed_tokens"], ["self_attn.q_proj", "mlp.down_proj"],
+                 ftt=("dora", "lora"))
 
 
 def test_dora_needs_the_base_model(dora, tmp_path):
@@ -269,16 +271,18 @@ def test_dora_needs_the_base_model(dora, tmp_path):
     a, b = dora["adapters"]
     r = run_cli("fuse", a, b, "--out", tmp_path / "out")
     assert r.returncode == 2 and not (tmp_path / "out").exists()
-    assert r.stderr.startswith(f"error: {a}: DoRA adapter (14 modules") and "--base" in r.stderr
+    assert r.stderr.startswith(f"error: {a}: DoRA adapter (15 modules") and "--base" in r.stderr
     r = run_cli("validate", a, b, "--base", dora["base"])
-    assert r.returncode == 0 and "a: DoRA on 14 modules" in r.stdout, r.stderr
+    assert r.returncode == 0 and "a: 1 embedding, DoRA on 15 modules" in r.stdout, r.stderr
 
 
-@pytest.mark.parametrize("method", ["linear", "concat", "slerp", "ties", "dare_linear"])
+@pytest.mark.parametrize("method", list(METHODS))
 def test_dora_fuses_exactly_at_full_rank(dora, method, tmp_path):
-    """Each DoRA source's delta is mlx-lm's own DoRA fuse() minus the base; at a rank that holds it
-    the plain LoRA written reproduces the method's result on those deltas."""
-    record, _ = check_fusion(dora, method, tmp_path, rank=64, base=dora["base"])
+    """Each DoRA source's delta (linear layers and the embedding, mlx-lm's DoRALinear and
+    DoRAEmbedding) is mlx-lm's own DoRA fuse() minus the base; at a rank that holds it the plain
+    LoRA written reproduces the method's result on those deltas."""
+    record, got = check_fusion(dora, method, tmp_path, rank=64, base=dora["base"])
+    assert "model.embed_tokens.weight" in got
     cfg = json.loads((tmp_path / f"fused_{method}" / "adapter_config.json").read_text())
     assert cfg["fine_tune_type"] == "lora" and record["base_model_path"] == str(dora["base"])
     assert f"dora deltas computed from the base model {dora['base']}" in " ".join(record["notes"])
