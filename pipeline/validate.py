@@ -56,6 +56,8 @@ def validate(paths: list[str | Path], out: str | Path | None = None, *, check_da
                     "is the weight minus the base's)")
             problems.append(f"{a.path}: {what}; fusing it needs the base model's weights "
                             "(--base MODEL_DIR)")
+        elif base is not None and ("dora" in need or "modules_to_save" in need) and not Path(base).is_dir():
+            problems.append(f"{base}: base model directory does not exist (needed by {a.path})")
         adapters.append(a)
     if out is not None:
         try:

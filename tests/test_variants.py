@@ -272,6 +272,9 @@ def test_dora_needs_the_base_model(dora, tmp_path):
     r = run_cli("fuse", a, b, "--out", tmp_path / "out")
     assert r.returncode == 2 and not (tmp_path / "out").exists()
     assert r.stderr.startswith(f"error: {a}: DoRA adapter (15 modules") and "--base" in r.stderr
+    r = run_cli("validate", a, b, "--base", tmp_path / "nowhere")
+    assert r.returncode == 2 and r.stderr.strip() == (f"error: {tmp_path / 'nowhere'}: base model directory does "
+                                                      f"not exist (needed by {a})")
     r = run_cli("validate", a, b, "--base", dora["base"])
     assert r.returncode == 0 and "a: 1 embedding, DoRA on 15 modules" in r.stdout, r.stderr
 
