@@ -391,5 +391,25 @@ def search(
                out_dir, log=lambda line: out.print(line, highlight=False))
 
 
+# --- the studio ------------------------------------------------------------------------------
+
+@app.command()
+def studio(
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (localhost unless told otherwise)."),
+    port: Optional[int] = typer.Option(None, "--port", help="Port (default: a free one)."),
+    examples: int = typer.Option(8, "--examples", help="Validation examples per task in the live score."),
+):
+    """Serve a local web page over the project in the current directory: its fusions, scores and
+    experiments, side-by-side generations, and weight sliders that fuse and score live.
+
+    Needs the studio extra: pip install -e '.[studio]'. Prints the URL; stop it with Ctrl-C.
+    """
+    from pipeline.studio.app import serve
+
+    if port is not None and not 0 < port < 65536:
+        raise FusionError(f"--port must be in 1..65535, got {port}")
+    serve(".", host, port, examples, on_ready=lambda line: print(line, flush=True))
+
+
 if __name__ == "__main__":
     main()

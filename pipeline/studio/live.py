@@ -90,9 +90,12 @@ def save_experiment(project: Project, s: LiveSettings, timeout: float = 1800) ->
     """Run the DVC experiment of these settings in the project; ``{"args", "returncode", "output"}``."""
     import os
     import subprocess
+    import sys
 
     args = experiment_args(project, s)
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    # the stages' `python` is this one (the project's virtualenv), as under `make run`
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = {**os.environ, "PATH": path, "DVC_NO_ANALYTICS": "1"}
     r = subprocess.run(args, cwd=project.root, capture_output=True, text=True, timeout=timeout, env=env)
     output = (r.stdout + r.stderr).strip()
     if r.returncode != 0:

@@ -196,30 +196,39 @@ EXP_PARAMS = ("method", "weights", "density", "t", "rank", "seed")
 
 
 def experiment_rows(shown) -> list[dict]:
-    """Flatten ``dvc exp show --json`` into rows: the workspace, each commit and its experiments,
-    with the default settings, each fusion's own overrides and the headline (mean / worst retention)."""
+    """Flatten ``dvc exp show --json`` into rows: the workspace, each commit and its experiments, with
+    the default settings, what an experiment changed in ``fusions:`` against its commit, and the
+    headline (each fusion's mean and worst retention)."""
     rows = []
     for entry in shown if isinstance(shown, list) else []:
-        rows.append(_exp_row(entry, entry.get("name") or _rev(entry), "", entry))
+        own = _fusion_params(entry)
+        rows.append(_exp_row(entry, entry.get("name") or _rev(entry), "", own, own))
         for group in entry.get("experiments") or []:
             for rev in group.get("revs") or []:
-                rows.append(_exp_row(rev, group.get("name") or rev.get("name") or _rev(rev),
-                                     _rev(entry), rev))
+                rows.append(_exp_row(rev, group.get("name") or rev.get("name") or _rev(rev), _rev(entry),
+                                     _fusion_params(rev), own))
     return rows
 
 
-def _exp_row(entry: dict, name: str, parent: str, data_of: dict) -> dict:
-    data = data_of.get("data") or {}
-    params = ((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}
+def _params(entry: dict) -> dict:
+    data = entry.get("data") or {}
+    return ((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}
+
+
+def _fusion_params(entry: dict) -> dict:
+    return _params(entry).get("fusions") or {}
+
+
+def _exp_row(entry: dict, name: str, parent: str, fusions: dict, parent_fusions: dict) -> dict:
+    params = _params(entry)
     row = {"experiment": name, "rev": _rev(entry)[:7], "parent": parent[:7]}
     for key in EXP_PARAMS:
         if key in params:
             row[key] = _short(params[key])
-    for fname, f in sorted((params.get("fusions") or {}).items()):
-        own = {k: v for k, v in (f or {}).items() if k != "adapters"}
-        if own:
-            row[f"{fname} settings"] = json.dumps(own, separators=(",", ":"))
-    metrics = data.get("metrics") or {}
+    changed = {n: {k: v for k, v in (f or {}).items() if k != "adapters"}
+               for n, f in sorted(fusions.items()) if f != parent_fusions.get(n)}
+    row["changed fusions"] = json.dumps(changed, separators=(",", ":")) if changed else ""
+    metrics = (entry.get("data") or {}).get("metrics") or {}
     headline = next((m.get("data") for p, m in metrics.items() if p.endswith("headline.json")), None) or {}
     for fname, h in headline.items():
         for k in ("mean", "worst"):
