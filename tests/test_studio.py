@@ -306,3 +306,19 @@ def test_save_as_experiment_produces_a_dvc_experiment_with_those_params(page, bu
     tab(page, "Reports")
     page.wait_for_function("document.querySelector('#experiments-table').innerText.split('\\n').length > 3")
     shot(page, "4-experiment")
+
+
+@needs_browser
+def test_the_page_api_takes_only_declared_names_and_checked_values(server):
+    """What a page event receives can be sent by anything that reaches the port: Gradio's own client
+    shows that a score call is answered for declared names and refused for anything else."""
+    from gradio_client import Client
+
+    client = Client(server, verbose=False)
+    text, _ = client.predict("average", "linear", 1.0, 0.0, 0.0, 0.5, 0.5, api_name="/score")
+    assert "mean retention" in text and "weights [1.0, 0.0]" in text
+    for bad in [("../../etc", "linear", 1.0, 0.0, 0.0, 0.5, 0.5),      # not a declared fusion
+                ("average", "rm -rf", 1.0, 0.0, 0.0, 0.5, 0.5),        # not a method
+                ("average", "linear", 50.0, 0.0, 0.0, 0.5, 0.5)]:      # out of the sliders' range
+        with pytest.raises(Exception):
+            client.predict(*bad, api_name="/score")

@@ -118,9 +118,9 @@ def build(project: Project, examples: int = 8):
             figs = compare_figures(report, names)
             return _frame(compare_rows(report, names)), _image(figs.get("retention")), _image(figs.get("scores"))
 
-        chosen.change(guarded(compare), chosen, [compared, retention_img, scores_img])
-        refresh.click(experiments_frame, None, [exp_table, exp_note])
-        page.load(experiments_frame, None, [exp_table, exp_note])
+        chosen.change(guarded(compare), chosen, [compared, retention_img, scores_img], api_name="compare")
+        refresh.click(experiments_frame, None, [exp_table, exp_note], api_name="experiments")
+        page.load(experiments_frame, None, [exp_table, exp_note], api_visibility="private")
 
         with gr.Tab("Generate"):
             with gr.Row():
@@ -149,8 +149,8 @@ def build(project: Project, examples: int = 8):
             yield [*texts, f"done in {time.perf_counter() - start:.1f} s (greedy, stops at EOS or after "
                            f"{int(n)} tokens; an empty box: the model ended at once)"]
 
-        go.click(generate, [prompt, gen_fusion, max_tokens], [*boxes, gen_status])
-        gen_fusion.change(lambda n: gr.update(label=f"fusion {n}"), gen_fusion, boxes[-1])
+        go.click(generate, [prompt, gen_fusion, max_tokens], [*boxes, gen_status], api_name="generate")
+        gen_fusion.change(lambda n: gr.update(label=f"fusion {n}"), gen_fusion, boxes[-1], api_visibility="private")
 
         with gr.Tab("Try settings"):
             with gr.Row():
@@ -197,12 +197,12 @@ def build(project: Project, examples: int = 8):
             return f"saved: `dvc {' '.join(done['args'][1:])}`", frame, note
 
         controls = [live_fusion, method, *sliders, density, t]
-        live_fusion.input(guarded(pick), live_fusion, [method, *sliders, density, t]).then(
-            guarded(score), controls, [live_score, live_table])
-        method.input(guarded(score), controls, [live_score, live_table])
+        live_fusion.input(guarded(pick), live_fusion, [method, *sliders, density, t], api_visibility="private").then(
+            guarded(score), controls, [live_score, live_table], api_visibility="private")
+        method.input(guarded(score), controls, [live_score, live_table], api_name="score")
         for s in [*sliders, density, t]:
-            s.release(guarded(score), controls, [live_score, live_table])
-        save.click(guarded(save_as), controls, [save_note, exp_table, exp_note])
+            s.release(guarded(score), controls, [live_score, live_table], api_visibility="private")
+        save.click(guarded(save_as), controls, [save_note, exp_table, exp_note], api_name="save_experiment")
     page.studio_models = models
     return page
 
