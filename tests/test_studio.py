@@ -322,3 +322,10 @@ def test_the_page_api_takes_only_declared_names_and_checked_values(server):
                 ("average", "linear", 50.0, 0.0, 0.0, 0.5, 0.5)]:      # out of the sliders' range
         with pytest.raises(Exception):
             client.predict(*bad, api_name="/score")
+    # nor does the server hand out the project's files or any other: only what the page made
+    import urllib.error
+    import urllib.request
+
+    for path in ("params.yaml", "reports/metrics.json", "/etc/passwd", "../../../etc/passwd"):
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen(f"{server}gradio_api/file={path}", timeout=30)

@@ -23,6 +23,9 @@ CSS = ".studio-note {color: #666; font-size: 0.9em}"
 
 
 def _import_gradio():
+    import os
+
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")   # nothing leaves the machine
     try:
         import gradio as gr
     except ImportError:
