@@ -162,7 +162,8 @@ def compare_figures(data: dict, names: list[str]) -> dict[str, bytes]:
     chosen = {n: data["fusions"][n] for n in names if n in (data.get("fusions") or {})}
     if not chosen:
         return {}
-    subset = {**data, "fusions": chosen}
+    tasks = [t for t in data["tasks"] if any(t in f["eval"] for f in chosen.values())]
+    subset = {**data, "fusions": chosen, "tasks": tasks}
     return {"retention": retention_figure(subset), "scores": scores_figure(subset)}
 
 
