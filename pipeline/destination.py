@@ -6,8 +6,8 @@ An output directory ``out`` is accepted when all of these hold, else one FusionE
 - it does not exist, or is an empty directory, or is a directory this tool wrote: one holding its
   *record* file (``fusion.json`` of a fused adapter, ``conversion.json`` of a converted one; the
   stages' output directories hold theirs: ``baselines.json`` of the plans, ``best.json`` of a search,
-  ``demo.json`` of the demo, ``model.json`` of the real-model project's models) that parses as this
-  tool's record. Anything else (a file, a folder of someone's documents) is
+  ``demo.json`` of the demo; in the real-model project ``model.json`` of its models and
+  ``tasks.json`` of its data sets) that parses as this tool's record. Anything else (a file, a folder of someone's documents) is
   never replaced;
 - its parent is a directory (or can be created) that this process can write to, probed by creating
   and removing a temporary directory there.
@@ -51,6 +51,7 @@ RECORDS: dict[str, tuple[str, ...]] = {
     "best.json": ("enabled",),                                               # search
     "demo.json": ("demo", "written_by"),                                     # demo
     "model.json": ("package", "version", "dtypes", "written_by"),            # real_model
+    "tasks.json": ("tasks", "seed", "sizes", "written_by"),                  # real_tasks
 }
 
 

@@ -188,6 +188,7 @@ STAGES = {
                "--eval-plan", "p.eval.json", "--out", "{out}"],
     "demo": ["pipeline.stages.demo", "--params", "params.yaml", "--out", "{out}", "--summary", "demo.json"],
     "real_model": ["pipeline.stages.real_model", "--params", "params.yaml", "--out", "{out}"],
+    "real_tasks": ["pipeline.stages.real_tasks", "--params", "params.yaml", "--out", "{out}"],
 }
 
 
@@ -202,7 +203,7 @@ def test_a_stage_never_replaces_a_directory_it_did_not_write(project, name):
     assert sorted(p.name for p in docs.iterdir()) == ["letter.txt"] and (docs / "letter.txt").read_text() == "dear ..."
 
 
-@pytest.mark.parametrize("name", ["validate", "search", "demo"])
+@pytest.mark.parametrize("name", ["validate", "search", "demo", "real_tasks"])
 def test_a_stage_replaces_its_own_previous_output(project, name):
     args = [a.format(out="out") for a in STAGES[name]]
     for _ in range(2):
