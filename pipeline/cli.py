@@ -371,6 +371,7 @@ def search(
     `dvc exp run -S` setting that uses the best weights. In a DVC project, prefer
     `dvc exp run -S search.enabled=true` (the search stage writes the same files).
     """
+    from pipeline.destination import check_destination
     from pipeline.params import load_params, resolve
     from pipeline.plan import EvalSettings
     from pipeline.search import run_search, settings
@@ -386,6 +387,7 @@ def search(
     if name not in p.fusions:
         raise FusionError(f"unknown fusion {name!r} (declared: {', '.join(p.fusions)})")
     f = p.fusions[name]
+    check_destination(out_dir, [p.adapters[a].path for a in f.adapters], record="best.json", what="search")
     run_search(name, p.base_model, [(a, str(p.adapters[a].path)) for a in f.adapters],
                {a: p.adapters[a].data for a in f.adapters}, f.spec, EvalSettings.of(p.eval, str(params)), s,
                out_dir, log=lambda line: out.print(line, highlight=False))

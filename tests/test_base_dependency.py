@@ -203,6 +203,15 @@ def test_a_stage_never_replaces_a_directory_it_did_not_write(project, name):
     assert sorted(p.name for p in docs.iterdir()) == ["letter.txt"] and (docs / "letter.txt").read_text() == "dear ..."
 
 
+def test_fusion_search_never_replaces_a_directory_it_did_not_write(project):
+    docs = project / "mine"
+    docs.mkdir()
+    (docs / "letter.txt").write_text("dear ...")
+    r = run_cli("search", "--fusion", "average", "--params", "params.yaml", "--out", "mine", cwd=project)
+    assert "mine: a non-empty directory this tool did not write" in one_error(r)
+    assert (docs / "letter.txt").read_text() == "dear ..."
+
+
 @pytest.mark.parametrize("name", ["validate", "search", "demo", "real_tasks"])
 def test_a_stage_replaces_its_own_previous_output(project, name):
     args = [a.format(out="out") for a in STAGES[name]]
