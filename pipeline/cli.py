@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from pipeline.errors import FusionError
+from pipeline.errors import FusionError, os_error_line
 from pipeline.methods.registry import METHODS, method_list
 
 # Imports that only some commands need (yaml, rich's progress and tables, the library) sit inside
@@ -58,6 +58,9 @@ def main() -> None:
         app()
     except FusionError as e:
         print_error(str(e))
+        sys.exit(2)
+    except OSError as e:  # a disk that fills up, a file system that goes away, ... while writing
+        print_error(os_error_line(e))
         sys.exit(2)
     except Interrupted as e:
         err.print("interrupted", highlight=False)
