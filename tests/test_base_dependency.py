@@ -231,14 +231,21 @@ def repo(tmp_path_factory):
 
 
 def test_a_base_model_swapped_in_place_makes_dvc_and_the_gate_see_stale_scores(repo):
-    from safetensors.numpy import load_file, save_file
+    import numpy as np
 
     weights = repo / "models" / "base" / "model.safetensors"
-    before = weights.stat().st_size
-    tensors = load_file(weights)
-    # other weights of the same shapes: the same size and header, so only the bytes tell
-    save_file({k: (v * 0.5).astype(v.dtype) for k, v in tensors.items()}, weights, metadata={"format": "mlx"})
-    assert weights.stat().st_size == before
+    raw = bytearray(weights.read_bytes())
+    # other weights in place: every float32 tensor halved, the size and the header as they were,
+    # so only the bytes tell (as with a model re-quantized to the same layout)
+    n = int.from_bytes(raw[:8], "little")
+    header, start, halved = json.loads(raw[8:8 + n]), 8 + n, 0
+    for name, t in header.items():
+        if name != "__metadata__" and t["dtype"] == "F32":
+            a, b = t["data_offsets"]
+            raw[start + a:start + b] = (np.frombuffer(bytes(raw[start + a:start + b]), "<f4") * 0.5).tobytes()
+            halved += 1
+    assert halved > 0
+    weights.write_bytes(bytes(raw))
     status = json.loads(sh("dvc", "status", "--json", cwd=repo).stdout.splitlines()[-1])
     assert "validate" in status, status
     r = run_cli("check", "--baseline", "HEAD", cwd=repo)
