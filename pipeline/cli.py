@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from pipeline.errors import FusionError
+from pipeline.errors import FusionError, os_error_line
 from pipeline.methods.registry import METHODS, method_list
 
 # Imports that only some commands need (yaml, rich's progress and tables, the library) sit inside
@@ -58,6 +58,9 @@ def main() -> None:
         app()
     except FusionError as e:
         print_error(str(e))
+        sys.exit(2)
+    except OSError as e:  # a disk that fills up, a file system that goes away, ... while writing
+        print_error(os_error_line(e))
         sys.exit(2)
     except Interrupted as e:
         err.print("interrupted", highlight=False)
@@ -371,6 +374,7 @@ def search(
     `dvc exp run -S` setting that uses the best weights. In a DVC project, prefer
     `dvc exp run -S search.enabled=true` (the search stage writes the same files).
     """
+    from pipeline.destination import check_destination
     from pipeline.params import load_params, resolve
     from pipeline.plan import EvalSettings
     from pipeline.search import run_search, settings
@@ -386,6 +390,7 @@ def search(
     if name not in p.fusions:
         raise FusionError(f"unknown fusion {name!r} (declared: {', '.join(p.fusions)})")
     f = p.fusions[name]
+    check_destination(out_dir, [p.adapters[a].path for a in f.adapters], record="best.json", what="search")
     run_search(name, p.base_model, [(a, str(p.adapters[a].path)) for a in f.adapters],
                {a: p.adapters[a].data for a in f.adapters}, f.spec, EvalSettings.of(p.eval, str(params)), s,
                out_dir, log=lambda line: out.print(line, highlight=False))

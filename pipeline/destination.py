@@ -4,8 +4,10 @@ An output directory ``out`` is accepted when all of these hold, else one FusionE
 - it is not an input, not inside an input and does not contain an input (symlinks resolved);
 - it is not the current directory or one of its parents;
 - it does not exist, or is an empty directory, or is a directory this tool wrote: one holding its
-  *record* file (``fusion.json`` of a fused adapter, ``conversion.json`` of a converted one, ...)
-  that parses as this tool's record. Anything else (a file, a folder of someone's documents) is
+  *record* file (``fusion.json`` of a fused adapter, ``conversion.json`` of a converted one; the
+  stages' output directories hold theirs: ``baselines.json`` of the plans, ``best.json`` of a search,
+  ``demo.json`` of the demo; in the real-model project ``model.json`` of its models and
+  ``tasks.json`` of its data sets) that parses as this tool's record. Anything else (a file, a folder of someone's documents) is
   never replaced;
 - its parent is a directory (or can be created) that this process can write to, probed by creating
   and removing a temporary directory there.
@@ -44,6 +46,12 @@ def is_record(path: Path, keys: Iterable[str]) -> bool:
 RECORDS: dict[str, tuple[str, ...]] = {
     "fusion.json": ("method", "inputs", "output", "versions"),
     "conversion.json": ("converted_from", "layout", "written_by"),
+    # the stages' output directories
+    "baselines.json": ("base_model", "base", "eval", "tasks", "adapters"),   # validate: the plans
+    "best.json": ("enabled",),                                               # search
+    "demo.json": ("demo", "written_by"),                                     # demo
+    "model.json": ("package", "version", "dtypes", "written_by"),            # real_model
+    "tasks.json": ("tasks", "seed", "sizes", "written_by"),                  # real_tasks
 }
 
 

@@ -48,6 +48,8 @@ class atomic_dir:
 
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
+            if isinstance(exc, OSError) and exc.filename is None:
+                exc.filename = str(self.out)  # a write that failed (a full disk): name the output
             return False
         finish_partial(self.tmp)
         self.tmp.chmod(0o755)
@@ -71,6 +73,10 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as e:
+        if e.filename is None:
+            e.filename = str(path)  # a write that failed (a full disk): name the output
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 

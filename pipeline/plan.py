@@ -8,7 +8,6 @@ settings, prompts and the evaluation sets of its tasks) and ``baselines.json`` a
 A fusion whose inputs did not change gets a byte-identical plan, so DVC leaves its stages alone.
 """
 
-import hashlib
 import json
 import types
 import typing
@@ -178,23 +177,11 @@ def eval_set(data: Path | None, name: str) -> Path | None:
 
 
 def base_identity(base: str) -> dict:
-    """What identifies the base model: for a local directory, its config and file sizes and
-    safetensors headers (cheap, no weights read); for a hub id, the id."""
-    from pipeline.formats import sha256_file
+    """What identifies the base model's bytes (``pipeline.basemodel.identity``): every file's sha256
+    for a local directory, the resolved revision and its files for a hub id."""
+    from pipeline.basemodel import identity
 
-    p = Path(base)
-    if not p.exists():
-        return {"id": base}
-    ident = {"path": base, "files": {}}
-    for f in sorted(p.iterdir()):
-        if f.is_file():
-            if f.suffix in (".json", ".jinja", ".txt", ".model"):
-                ident["files"][f.name] = sha256_file(f)
-            else:
-                with open(f, "rb") as fh:
-                    head = fh.read(1 << 16)
-                ident["files"][f.name] = f"{f.stat().st_size}:{hashlib.sha256(head).hexdigest()}"
-    return ident
+    return identity(base)
 
 
 def build(p, where: str = "params.yaml") -> Plans:

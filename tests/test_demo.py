@@ -238,7 +238,8 @@ def test_disabled_demo_stage_builds_nothing(tmp_path):
                                "--out", "demo", "--summary", "reports/demo.json"], cwd=tmp_path,
                               capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
-    (tmp_path / "demo" / "models").mkdir(parents=True)  # a previous build is replaced by nothing
+    (tmp_path / "demo" / "models").mkdir(parents=True)  # a previous build (its record) is replaced by nothing
+    (tmp_path / "demo" / "demo.json").write_text(json.dumps({"demo": {}, "written_by": "pipeline.stages.demo"}))
     r = stage("{enabled: false, seed: 3}")
     assert r.returncode == 0, r.stderr
     assert list((tmp_path / "demo").iterdir()) == []

@@ -91,17 +91,53 @@ def test_a_previous_output_of_the_tool_is_replaced_and_an_empty_directory_used(w
     assert r.returncode == 2 and "no fusion.json" in r.stderr
 
 
+def _read_only(path):
+    """Make the directory ``path`` unwritable, for root too (the immutable attribute); return the undo."""
+    if os.geteuid() != 0:
+        path.chmod(0o555)
+        return lambda: path.chmod(0o755)
+    r = subprocess.run(["chattr", "+i", str(path)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"root writes into read-only directories, and chattr +i fails here ({r.stderr.strip()})")
+    return lambda: subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
 def test_a_read_only_parent_is_found_before_any_work(ws, tmp_path):
-    if os.geteuid() == 0:
-        pytest.skip("root writes into read-only directories")
     ro = tmp_path / "ro"
     ro.mkdir()
-    ro.chmod(0o555)
+    undo = _read_only(ro)
     try:
         r = run_cli("fuse", ws / "A", ws / "B", "--out", ro / "out")
-        assert r.returncode == 2 and "cannot write in" in r.stderr
+        assert r.returncode == 2 and "cannot write in" in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
     finally:
-        ro.chmod(0o755)
+        undo()
+    assert list(ro.iterdir()) == []
+
+
+def _full_disk():
+    """In the child: writes beyond 4 KiB fail (EFBIG) as they would on a full disk (the signal the
+    kernel sends with it ignored, so the write call returns the error)."""
+    import resource
+    import signal
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+
+@pytest.mark.parametrize("command", ["fuse", "convert"])
+def test_a_disk_that_fills_up_while_writing_is_one_error_line_and_no_leftovers(ws, tmp_path, command):
+    before = snapshot(ws)
+    out = tmp_path / "out"
+    args = ["fuse", ws / "A", ws / "B"] if command == "fuse" else ["convert", ws / "A", "--to", "peft"]
+    exe = os.path.join(os.path.dirname(sys.executable), "fusion")
+    r = subprocess.run([exe, *map(str, args), "--out", str(out)], capture_output=True, text=True,
+                       preexec_fn=_full_disk, timeout=300)
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert lines == [f"error: {out}: File too large (nothing was written)"], r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ws"]   # no output, no temporary directory
+    assert snapshot(ws) == before
 
 
 def test_a_killed_runs_temporary_directory_is_removed_by_the_next_run(ws, tmp_path):

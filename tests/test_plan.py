@@ -17,14 +17,18 @@ from pipeline.plan import AdapterRef, BaselinesPlan, EvalPlan, EvalSettings, Fus
 
 @pytest.fixture
 def validated(tmp_path):
-    """A small project (two real adapters with evaluation sets) and the plans its validate stage wrote."""
+    """A small project (a tiny base model, two real adapters with evaluation sets) and the plans its
+    validate stage wrote."""
+    from pipeline.demo.tinymodel import write_tiny_llama
+
+    write_tiny_llama(tmp_path / "models" / "base", seed=0, hidden=32, layers=2, heads=4, ff=64)
     for i, name in enumerate(("up", "inc")):
         make_mlx_adapter(tmp_path / "adapters" / name, rank=2 + i, seed=i, model="tiny/base")
         data = tmp_path / "data" / name
         data.mkdir(parents=True)
         (data / "test.jsonl").write_text(json.dumps({"prompt": f"{name} a", "completion": "b"}) + "\n")
     params = {
-        "base_model": "tiny/base",
+        "base_model": "models/base",
         "adapters": {n: {"path": f"adapters/{n}", "data": f"data/{n}"} for n in ("up", "inc")},
         "weights": [0.5, 0.5],
         "fusions": {"average": {"adapters": ["up", "inc"]},
@@ -49,7 +53,8 @@ def test_plans_read_back_typed_and_write_the_same_bytes(validated):
     ev = EvalPlan.read(out / "average.eval.json")
     assert ev.eval == EvalSettings(max_examples=100, max_tokens=4, batch_size=32)
     assert ev.tasks["up"] == TaskSet("data/up/test.jsonl", ev.tasks["up"].sha256)
-    assert ev.base == {"id": "tiny/base"} and ev.prompts == ["up hello"]
+    assert ev.base["path"] == "models/base" and ev.prompts == ["up hello"]
+    assert {"config.json", "model.safetensors"} <= set(ev.base["files"])  # every file, by its sha256
     base = BaselinesPlan.read(out / "baselines.json")
     assert set(base.adapters) == set(base.tasks) == {"up", "inc"}
     for path, plan in ((out / "ties.fuse.json", fuse), (out / "average.eval.json", ev),

@@ -172,6 +172,12 @@ def _generations(data: dict) -> list:
 
 def _hashes(data: dict) -> list:
     rows = []
+    base = data.get("base_model") or {}
+    if base.get("revision"):  # a hub id: the revision loaded
+        rows.append(["all", "base model", [("code", str(base.get("id")))], [("code", f"revision {base['revision']}")]])
+    else:
+        for name, digest in (base.get("files") or {}).items():
+            rows.append(["all", "base model", [("code", f"{base.get('path', '')}/{name}")], [("code", str(digest))]])
     for name, f in data["fusions"].items():
         info = f["info"]
         for item in info.get("inputs") or []:
@@ -185,8 +191,8 @@ def _hashes(data: dict) -> list:
     if not rows:
         return []
     return [("h", 2, "Reproducibility"),
-            ("p", ["SHA-256 of the fused inputs and outputs: the same inputs and settings give "
-                   "the same output bytes."]),
+            ("p", ["SHA-256 of the base model's files (or the hub revision loaded), and of the fused "
+                   "inputs and outputs: the same inputs and settings give the same output bytes."]),
             ("table", ["fusion", "role", "path", "sha256"], rows)]
 
 

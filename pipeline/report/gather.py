@@ -1,6 +1,7 @@
 """Collect the report's inputs into the one structure the writers use, checking them against each other.
 
-``collect`` returns ``{"tasks", "task_of", "base", "adapters", "fusions", "tolerance", "generations"}``;
+``collect`` returns ``{"tasks", "task_of", "base", "adapters", "fusions", "tolerance", "base_model",
+"generations"}``;
 each fusion carries its adapters, resolved settings, scores, retention (``pipeline.evaluate.retention``),
 the fuse record (``info``), its per-module figures (``modules``) and its stored geometry summary
 (``geometry``, ``pipeline.geometry.summarize`` as the fuse step recorded it). Nothing here runs a model.
@@ -63,6 +64,7 @@ def collect(params: dict, baselines: dict, evals: dict, infos: dict, tasks_of: d
         "adapters": adapters,
         "fusions": fusions,
         "tolerance": tolerance,
+        "base_model": baselines.get("base_model") or {},  # its identity (pipeline.basemodel)
         "generations": {
             "base": (baselines.get("base") or {}).get(GENERATIONS) or {},
             **{f"adapter {a}": (ev or {}).get(GENERATIONS) or {}

@@ -1,7 +1,8 @@
 """Stage ``demo``: build the built-in demo (base model, adapters, data) offline from params.yaml.
 
 With ``demo: {enabled: false}`` (your own base model and adapters) it builds nothing: ``--out`` is
-left an empty directory, so the DAG stays as it is and nothing downstream reads from it.
+left an empty directory, so the DAG stays as it is and nothing downstream reads from it. ``--out`` is
+replaced only when it is empty or the demo's own (its record ``demo.json``), never a folder of yours.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ def main(params: Path = typer.Option(Path("params.yaml"), help="Reads its 'demo:
     from rich.progress import Progress
 
     from pipeline.demo import DemoConfig, build_demo
+    from pipeline.destination import check_destination
     from pipeline.errors import FusionError
     from pipeline.params import load_params
 
@@ -32,6 +34,7 @@ def main(params: Path = typer.Option(Path("params.yaml"), help="Reads its 'demo:
     enabled = section.pop("enabled", True)
     if not isinstance(enabled, bool):
         raise FusionError(f"{params}: demo.enabled must be true or false, got {enabled!r}")
+    check_destination(out, [params], record="demo.json", what="demo")
     if not enabled:
         with atomic_dir(out):
             pass
@@ -39,6 +42,8 @@ def main(params: Path = typer.Option(Path("params.yaml"), help="Reads its 'demo:
         print(f"demo disabled (demo.enabled: false): {out} left empty")
         return
     cfg = DemoConfig.from_dict(section)
+    out.mkdir(parents=True, exist_ok=True)  # the record first: from now on the directory is the demo's
+    write_json(out / "demo.json", {"demo": section, "written_by": "pipeline.stages.demo"})
     with Progress(transient=True) as bar:
         tasks: dict[str, int] = {}
 

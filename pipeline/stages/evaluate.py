@@ -2,7 +2,9 @@
 
 ``baselines`` scores the base model and every source adapter once; ``evaluate@NAME`` scores one
 fused adapter on the tasks of the adapters it was built from. Both also answer the free-form
-``prompts``. The plans come from the validate stage.
+``prompts``. The plans come from the validate stage; the base model loaded is the one they record
+(``pipeline.basemodel.model_path``: a local directory whose files still hash as recorded, or a hub id's
+recorded revision), and ``baselines.json`` names it under ``base_model``.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from pipeline.stages import run
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True)
 
 
-def _score(plan, adapter: str | None, label: str) -> dict:
-    """Scores of the base model with ``adapter`` on the plan's tasks (an EvalPlan or BaselinesPlan)."""
+def _score(plan, base: str, adapter: str | None, label: str) -> dict:
+    """Scores of the base model (loaded from ``base``) with ``adapter`` on the plan's tasks (an
+    EvalPlan or BaselinesPlan)."""
     from rich.progress import Progress
 
     from pipeline.evaluate import evaluate, generate_samples
@@ -33,11 +36,11 @@ def _score(plan, adapter: str | None, label: str) -> dict:
                 ids[key] = bar.add_task(f"{label}: {task} {stage}", total=total)
             bar.update(ids[key], completed=done)
 
-        result = evaluate(plan.base_model, adapter, tasks, max_examples=ev.max_examples,
+        result = evaluate(base, adapter, tasks, max_examples=ev.max_examples,
                           max_tokens=ev.max_tokens, batch_size=ev.batch_size, progress=progress,
                           system_prompt=ev.system_prompt)
     if plan.prompts:
-        answers = generate_samples(plan.base_model, adapter, plan.prompts, ev.max_tokens,
+        answers = generate_samples(base, adapter, plan.prompts, ev.max_tokens,
                                    system_prompt=ev.system_prompt)
         result["generations"] = dict(zip(plan.prompts, answers))
     return result
@@ -47,13 +50,15 @@ def _score(plan, adapter: str | None, label: str) -> dict:
 def baselines(plan: Path = typer.Option(..., help="baselines.json written by the validate stage."),
               out: Path = typer.Option(..., help="Where to write the scores.")):
     """Score the base model and each source adapter on every task."""
+    from pipeline.basemodel import model_path
     from pipeline.io import write_json
     from pipeline.plan import BaselinesPlan
 
     job = BaselinesPlan.read(plan)
-    result = {"base": _score(job, None, "base"), "adapters": {}}
+    base = model_path(job.base_model, job.base)
+    result = {"base": _score(job, base, None, "base"), "adapters": {}, "base_model": job.base}
     for name, a in job.adapters.items():
-        result["adapters"][name] = _score(job, a.path, name)
+        result["adapters"][name] = _score(job, base, a.path, name)
     write_json(out, result)
     print(f"scored the base model and {len(job.adapters)} adapter(s) on {len(job.tasks)} task(s)")
 
@@ -63,11 +68,12 @@ def fusion(plan: Path = typer.Option(..., help="NAME.eval.json written by the va
            adapter: Path = typer.Option(..., help="The fused adapter directory."),
            out: Path = typer.Option(..., help="Where to write the scores.")):
     """Score one fused adapter on the tasks of its source adapters."""
+    from pipeline.basemodel import model_path
     from pipeline.io import write_json
     from pipeline.plan import EvalPlan
 
     job = EvalPlan.read(plan)
-    write_json(out, _score(job, str(adapter), job.fusion))
+    write_json(out, _score(job, model_path(job.base_model, job.base), str(adapter), job.fusion))
     print(f"scored {job.fusion} on {len(job.tasks)} task(s)")
 
 

