@@ -276,23 +276,40 @@ def evaluate(base: str | Path, adapter: str | Path | None, tasks: dict[str, Path
         raise FusionError(f"batch_size must be at least 1, got {batch_size}")
     sets = {task: load_examples(path, max_examples) for task, path in tasks.items()}
     model, tokenizer = load_model(base, adapter)
-    results = {}
+    encoded = encode_sets(tokenizer, sets, tasks, system_prompt)
+    return score_sets(model, tokenizer, sets, encoded, max_tokens=max_tokens, batch_size=batch_size,
+                      progress=progress, where=tasks)
+
+
+def encode_sets(tokenizer, sets: dict[str, list[dict]], where: dict[str, Path],
+                system_prompt: str | None = None) -> dict[str, list[tuple[list[int], int, int]]]:
+    """Each task's examples (``load_examples``) encoded for scoring (``encode_example``); errors name
+    the file ``where[task]`` and the line."""
+    encoded = {}
     for task, examples in sets.items():
-        path = tasks[task]
-        encoded = []
+        encoded[task] = []
         for ex in examples:
             try:
-                encoded.append(encode_example(tokenizer, ex, system_prompt))
+                encoded[task].append(encode_example(tokenizer, ex, system_prompt))
             except FusionError as e:
-                raise FusionError(f"{path}: line {ex['line']}: {e}") from None
+                raise FusionError(f"{where[task]}: line {ex['line']}: {e}") from None
+    return encoded
+
+
+def score_sets(model, tokenizer, sets: dict[str, list[dict]], encoded: dict[str, list], *, max_tokens: int,
+               batch_size: int, progress: Progress | None = None, where: dict[str, Path]) -> dict[str, dict]:
+    """Score a loaded model on encoded sets (``encode_sets``): the metrics ``evaluate`` returns."""
+    results = {}
+    for task, examples in sets.items():
+        path = where[task]
         n = len(examples)
         try:
-            loss = set_loss(model, encoded, batch_size, _counter(progress, task, "loss", n))
+            loss = set_loss(model, encoded[task], batch_size, _counter(progress, task, "loss", n))
         except FusionError as e:
             raise FusionError(f"{path}: {e}") from None
         accuracy = None
         if "completion" in examples[0]:
-            prompts = [t[:s] for t, s, _ in encoded]
+            prompts = [t[:s] for t, s, _ in encoded[task]]
             texts = greedy_generate(model, tokenizer, prompts, max_tokens, batch_size,
                                     _counter(progress, task, "generate", n))
             hits = sum(normalise(t) == normalise(ex["completion"]) for t, ex in zip(texts, examples))

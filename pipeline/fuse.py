@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -28,7 +29,7 @@ from pipeline.spec import FusionSpec, check_spec, module_params
 from pipeline.threads import blas_thread_count, blas_threads, worker_count
 from pipeline.validate import validate
 
-__all__ = ["FusionSpec", "check_spec", "fuse", "module_params"]
+__all__ = ["FusedFactors", "FusionSpec", "check_spec", "fuse", "module_params"]
 
 
 VERSIONED = ("lora-fusion", "numpy", "mlx", "mlx-lm", "safetensors")
@@ -67,9 +68,9 @@ def _versions() -> dict[str, str]:
     return {p: out[p] for p in VERSIONED if p in out}
 
 
-def fuse(adapters: list[str | Path], out: str | Path, spec: FusionSpec | None = None, *,
+def fuse(adapters: list[str | Path], out: str | Path | None, spec: FusionSpec | None = None, *,
          progress: Callable[[int, int], None] | None = None, ignore_base: bool = False,
-         names: list[str] | None = None, base: str | Path | None = None) -> dict:
+         names: list[str] | None = None, base: str | Path | None = None):
     """Fuse ``adapters`` into ``out`` (an mlx-lm adapter directory) and return the fusion record.
 
     Validation runs first; nothing is written when it fails. ``progress(done, total)`` is called
@@ -77,6 +78,10 @@ def fuse(adapters: list[str | Path], out: str | Path, spec: FusionSpec | None = 
     depends on it (DoRA, modules_to_save; :mod:`pipeline.base_weights`): each such module's exact
     dense delta is fused like any other, and written as plain LoRA of the output rank (default:
     the largest LoRA rank among its sources) with the re-factoring error recorded.
+
+    ``out=None``: nothing is written; returns the fused factors and config in memory
+    (``FusedFactors``: exactly what would be written as ``adapters.safetensors`` and
+    ``adapter_config.json``), for scoring without a file (``pipeline.live``).
     """
     spec = spec or FusionSpec()
     check_spec(spec, len(adapters))
@@ -156,6 +161,11 @@ def fuse(adapters: list[str | Path], out: str | Path, spec: FusionSpec | None = 
     base = next((a.base_model for a in srcs if a.base_model), None)
     extra = {"model": base} if base else {}
     config = mlx_config(rank, 1.0, keys, output_num_layers(srcs), extra)
+    if out is None:
+        if biases:
+            raise FusionError(f"{len(biases)} module(s) with LoRA biases: such a fusion is written in the PEFT "
+                              "layout and cannot be applied in memory")
+        return FusedFactors(fused, config, per_module)
     errors = [m["error"] for m in per_module.values()]
     record = {
         "method": spec.method,
@@ -193,6 +203,15 @@ def fuse(adapters: list[str | Path], out: str | Path, spec: FusionSpec | None = 
         record["output"]["config_sha256"] = sha256_file(tmp / "adapter_config.json")
         write_json(tmp / "fusion.json", record)
     return record
+
+
+@dataclass
+class FusedFactors:
+    """A fusion in memory: exactly what ``fuse`` writes as ``adapters.safetensors`` and
+    ``adapter_config.json`` (mlx-lm layout)."""
+    factors: dict[str, tuple[np.ndarray, np.ndarray]]  # module -> (A (rank, in), B (out, rank)), float32
+    config: dict                                       # the mlx-lm adapter_config.json
+    modules: dict[str, dict]                           # per module: rank, error, geometry
 
 
 def _source(a: Adapter, name: str, base_w) -> tuple[np.ndarray, np.ndarray, float]:
