@@ -366,11 +366,18 @@ def search(
                                                "layers (default: search.layer_groups)."),
     out_dir: Path = typer.Option(Path("reports/search"), "--out", "-o", help="Where best.json, trace.json, "
                                  "trace.png go."),
+    backend: Optional[str] = typer.Option(None, "--backend", help="Where evaluations run: local or ray "
+                                          "(default: search.backend)."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="The Ray cluster, host:port "
+                                              "(default: search.ray_address; none = a local Ray for the run)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Ray workers (default: search.workers; "
+                                          "none = the cluster's CPUs)."),
 ):
     """Search one fusion's weights for the best retention on the validation sets (CMA-ES).
 
-    Each evaluation fuses with candidate weights into a temporary directory and scores the sources'
-    valid.jsonl; the budget and seed are fixed, so a search is repeatable. Prints the
+    Each evaluation fuses with candidate weights in memory and scores the sources' valid.jsonl on a
+    base model loaded once (per Ray worker with --backend ray); the budget and seed are fixed, so a
+    search is repeatable, and gives the same weights on either backend. Prints the
     `dvc exp run -S` setting that uses the best weights. In a DVC project, prefer
     `dvc exp run -S search.enabled=true` (the search stage writes the same files).
     """
@@ -381,7 +388,8 @@ def search(
 
     raw = load_params(params)
     overrides = {k: v for k, v in (("fusion", fusion), ("budget", budget), ("seed", seed),
-                                   ("layer_groups", layer_groups)) if v is not None}
+                                   ("layer_groups", layer_groups), ("backend", backend),
+                                   ("ray_address", ray_address), ("workers", workers)) if v is not None}
     s = settings({**(raw.get("search") or {}), **overrides}, f"{params}: search")
     p = resolve(raw, str(params))
     name = s["fusion"]

@@ -152,3 +152,23 @@ def _fusion(name: str, f, defaults: dict, adapters: dict, where: str) -> Fusion:
     spec = FusionSpec(**values, rules=f.get("rules") or [])
     check_spec(spec, n, at)
     return Fusion(name, list(f["adapters"]), spec, inherited)
+
+
+SEARCH_BACKENDS = ("local", "ray")
+
+
+def check_search_backend(search: dict, where: str = "params.yaml: search") -> None:
+    """Check where the weight search runs: ``backend`` (local or ray), ``ray_address`` (null or an
+    address such as ``127.0.0.1:6379``, ``auto``, ``ray://host:10001``), ``workers`` (null or >= 1;
+    the local backend has one)."""
+    backend, address, workers = search.get("backend"), search.get("ray_address"), search.get("workers")
+    if backend not in SEARCH_BACKENDS:
+        raise FusionError(f"{where}.backend: expected one of {', '.join(SEARCH_BACKENDS)}, got {backend!r}")
+    if address is not None and not (isinstance(address, str) and address.strip()):
+        raise FusionError(f"{where}.ray_address: expected null (a local Ray for the run) or an address "
+                          f"such as 127.0.0.1:6379, got {address!r}")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise FusionError(f"{where}.workers: expected null or a whole number >= 1, got {workers!r}")
+    if backend == "local" and workers not in (None, 1):
+        raise FusionError(f"{where}.workers: the local backend evaluates in this process with one worker; "
+                          f"set backend: ray for {workers} workers")

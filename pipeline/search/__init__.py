@@ -1,8 +1,9 @@
 """The weight search: look for the weights of one fusion that score best on the validation sets.
 
 ``optimizer.py`` is the CMA-ES part (any objective, a fixed budget and seed, the ``search:``
-settings, weights <-> vector, the trace figure); ``run.py`` is the run that fuses each candidate,
-scores it and writes ``best.json``, ``trace.json`` and ``trace.png``.
+settings, weights <-> vector, the trace figure); ``run.py`` is the run that asks for each generation
+of candidates, has them fused and scored, and writes ``best.json``, ``trace.json`` and ``trace.png``;
+``workers.py`` is where they are fused and scored in memory: in this process or on Ray actors.
 """
 
 from pipeline.search.optimizer import (OBJECTIVES, SETTINGS, SearchResult, search, settings, trace_figure,

@@ -34,6 +34,9 @@ SETTINGS = {
     "layer_groups": 1,          # weights per adapter: 1, or G control points across the layers
     "objective": "mean_retention",
     "max_examples": None,       # validation examples per task per evaluation (None: eval.max_examples)
+    "backend": "local",         # where evaluations run: local (this process) or ray
+    "ray_address": None,        # the Ray cluster (None: a local Ray started for the run)
+    "workers": None,            # Ray workers, one CPU and one loaded base model each (None: the cluster's CPUs)
 }
 
 
@@ -82,6 +85,9 @@ def settings(section: dict | None, where: str = "params.yaml: search") -> dict:
         raise FusionError(f"{where}.objective: expected one of {', '.join(OBJECTIVES)}, got {s['objective']!r}")
     if s["fusion"] is not None and not isinstance(s["fusion"], str):
         raise FusionError(f"{where}.fusion: expected a fusion name, got {s['fusion']!r}")
+    from pipeline.params import check_search_backend
+
+    check_search_backend(s, where)
     return s
 
 
@@ -116,15 +122,21 @@ def vector_weights(x, n: int, groups: int) -> list:
 # ---------------------------------------------------------------------------- the search
 
 
-def search(objective: Callable[[list[float]], float], x0, *, budget: int, seed: int = 0,
+def search(objective: Callable[[list[float]], float] | None, x0, *, budget: int, seed: int = 0,
            bounds: tuple[float, float] = (0.0, 1.5), sigma: float | None = None, decimals: int = 3,
-           on_evaluation: Callable[[dict], None] | None = None) -> SearchResult:
+           on_evaluation: Callable[[dict], None] | None = None,
+           population: Callable[[list[list[float]]], list[float]] | None = None) -> SearchResult:
     """Maximise ``objective`` from ``x0`` with CMA-ES, calling it at most ``budget`` times.
 
     Points are clipped to ``bounds`` and rounded to ``decimals`` before they are evaluated, so the
     reported best point is exactly one that was evaluated. ``sigma`` (the initial step) defaults to a
     quarter of the bounds' width. ``on_evaluation(row)`` is called after every evaluation with the
     trace row. Needs at least two dimensions (CMA-ES does not work in 1-D).
+
+    ``population(points) -> values`` (instead of ``objective``) evaluates the new points of one
+    generation at once, for example in parallel; values come back in the order of ``points``, so the
+    trace, the points asked next and the result are the same as with ``objective`` point by point,
+    whichever evaluation finishes first.
     """
     import cma
 
@@ -133,6 +145,12 @@ def search(objective: Callable[[list[float]], float], x0, *, budget: int, seed: 
         raise FusionError(f"search budget must be at least 1, got {budget}")
     if len(x0) < 2:
         raise FusionError("the search needs at least two weights to tune (two adapters, or layer_groups > 1)")
+    if population is None:
+        if objective is None:
+            raise FusionError("the search needs an objective or a population evaluator")
+
+        def population(points):
+            return [objective(list(x)) for x in points]
 
     def point(x) -> list[float]:
         return [round(min(max(float(v), lo), hi), decimals) for v in x]
@@ -140,23 +158,33 @@ def search(objective: Callable[[list[float]], float], x0, *, budget: int, seed: 
     seen: dict[tuple, float] = {}
     trace: list[dict] = []
 
-    def evaluate(x: list[float]) -> float:
-        key = tuple(x)
-        if key not in seen:
-            value = objective(list(x))
+    def evaluate(points: list[list[float]]) -> None:
+        """Evaluate the points not seen yet, in order, while the budget lasts."""
+        new: list[list[float]] = []
+        for x in points:
+            key = tuple(x)
+            if key in seen or any(key == tuple(y) for y in new):
+                continue
+            if len(trace) + len(new) >= budget:
+                break
+            new.append(list(x))
+        values = list(population(new)) if new else []
+        if len(values) != len(new):
+            raise FusionError(f"the search's evaluator gave {len(values)} values for {len(new)} points")
+        for x, value in zip(new, values):
             if value is None or not math.isfinite(value):
                 raise FusionError(f"the search objective gave {value!r} at {list(x)}")
             value = float(value)
-            seen[key] = value
+            seen[tuple(x)] = value
             best = max(value, trace[-1]["best"]) if trace else value
             row = {"evaluation": len(trace) + 1, "x": list(x), "value": value, "best": best}
             trace.append(row)
             if on_evaluation is not None:
                 on_evaluation(row)
-        return seen[key]
 
     start = point(x0)
-    start_value = evaluate(start)
+    evaluate([start])
+    start_value = seen[tuple(start)]
     # cma treats seed 0 as "seed from the clock"; shift so every seed is a fixed one.
     es = cma.CMAEvolutionStrategy(start, sigma or 0.25 * (hi - lo),
                                   {"bounds": [lo, hi], "seed": seed + 1, "verbose": -9})
@@ -164,14 +192,11 @@ def search(objective: Callable[[list[float]], float], x0, *, budget: int, seed: 
     while len(trace) < budget and not es.stop() and asks < 100 * budget:
         asks += 1
         xs = es.ask()
-        values = []
-        for x in xs:
-            if len(trace) >= budget and tuple(point(x)) not in seen:
-                break
-            values.append(evaluate(point(x)))
-        if len(values) < len(xs):
+        points = [point(x) for x in xs]
+        evaluate(points)
+        if not all(tuple(x) in seen for x in points):
             break  # budget spent mid-generation
-        es.tell(xs, [-v for v in values])
+        es.tell(xs, [-seen[tuple(x)] for x in points])
     best_key = max(seen, key=lambda k: (seen[k], k == tuple(start)))
     return SearchResult(list(best_key), seen[best_key], start, start_value, trace)
 

@@ -1,7 +1,8 @@
 """One weight search run: fuse each candidate, score it on the validation sets, write the results.
 
-Each evaluation fuses the fusion's adapters with candidate weights into a temporary directory and
-scores the result on every source's ``valid.jsonl`` (the report scores ``test.jsonl``, so the weights
+Each evaluation fuses the fusion's adapters with candidate weights in memory and scores the result
+on every source's ``valid.jsonl`` with a base model loaded once per worker (``pipeline.search.workers``:
+in this process, or on the actors of a Ray cluster with ``search.backend: ray``) (the report scores ``test.jsonl``, so the weights
 are not chosen on the figures that judge them). The objective is the fusion's mean (or worst)
 retention there. The fusion's other settings stay as they are; a rule that sets weights on some
 modules keeps them there.
@@ -14,8 +15,6 @@ Writes under ``out``: ``best.json`` (the best weights, their value, the start's 
 from __future__ import annotations
 
 import json
-import tempfile
-from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -49,14 +48,13 @@ def run_search(fusion: str, base_model: str, adapters: list[tuple[str, str]], da
     valid.jsonl sits next to it); ``ev``: the evaluation settings (``pipeline.plan.EvalSettings``);
     ``s``: the ``search:`` settings (``pipeline.search.settings``).
     """
-    from pipeline.evaluate import evaluate, retention
-    from pipeline.fuse import fuse
+    from pipeline.evaluate import retention
     from pipeline.io import atomic_dir, write_file, write_json
     from pipeline.methods import get_method
     from pipeline.search.optimizer import search, trace_figure, vector_weights, weights_vector
+    from pipeline.search.workers import open_pool
 
     names = [n for n, _ in adapters]
-    paths = [p for _, p in adapters]
     valid = {name: valid_split(data[name], name) for name in names}
     n, groups = len(adapters), s["layer_groups"]
     method = get_method(spec.method)
@@ -67,20 +65,26 @@ def run_search(fusion: str, base_model: str, adapters: list[tuple[str, str]], da
         raise FusionError(f"fusion {fusion!r}: the search tunes fusions in delta space (space: delta)")
     score = dict(max_examples=s["max_examples"] or ev.max_examples, max_tokens=ev.max_tokens,
                  batch_size=ev.batch_size, system_prompt=ev.system_prompt)
-    log(f"search {fusion}: scoring the {n} source adapters on their validation sets")
-    sources = {name: evaluate(base_model, path, {name: valid[name]}, **score) for name, path in adapters}
-    tasks_of = {name: name for name in names}
+    where = "this process" if s["backend"] == "local" else f"Ray at {s['ray_address'] or 'a local Ray'}"
+    log(f"search {fusion}: loading the base model and the validation sets ({where})")
+    pool = open_pool(s["backend"], s["ray_address"], s["workers"], base_model, adapters, valid, spec, score)
+    try:
+        if s["backend"] == "ray":
+            log(f"  {pool.workers} Ray worker(s) on {pool.nodes} node(s), each with its own copy of the base model")
+        log(f"search {fusion}: scoring the {n} source adapters on their validation sets")
+        sources = dict(zip(names, pool.map("source", names)))
+        tasks_of = {name: name for name in names}
+        seconds: list[dict] = []
 
-    with tempfile.TemporaryDirectory(prefix="fusion-search-") as tmp:
-        def objective(x: list[float]) -> float:
-            candidate = replace(spec, weights=vector_weights(x, n, groups))
-            where = Path(tmp) / "candidate"
-            fuse(paths, where, candidate, names=names)
-            scores = evaluate(base_model, where, {name: valid[name] for name in names}, **score)
-            value = retention(scores, sources, tasks_of, {})[s["objective"]]
-            if value is None:
-                raise FusionError(f"fusion {fusion!r}: no retention on the validation sets to search on")
-            return value
+        def population(points: list[list[float]]) -> list[float]:
+            values = []
+            for scores, timing in pool.map("candidate", [vector_weights(x, n, groups) for x in points]):
+                seconds.append(timing)
+                value = retention(scores, sources, tasks_of, {})[s["objective"]]
+                if value is None:
+                    raise FusionError(f"fusion {fusion!r}: no retention on the validation sets to search on")
+                values.append(value)
+            return values
 
         def report(row: dict) -> None:
             w = vector_weights(row["x"], n, groups)
@@ -88,8 +92,14 @@ def run_search(fusion: str, base_model: str, adapters: list[tuple[str, str]], da
                 f"{s['objective'].replace('_', ' ')} {row['value']:.4f} (best {row['best']:.4f})")
 
         start = spec.weights if spec.weights is not None else method.default_weights(n)
-        result = search(objective, weights_vector(list(start), n, groups), budget=s["budget"], seed=s["seed"],
-                        bounds=tuple(s["bounds"]), on_evaluation=report)
+        result = search(None, weights_vector(list(start), n, groups), budget=s["budget"], seed=s["seed"],
+                        bounds=tuple(s["bounds"]), on_evaluation=report, population=population)
+    finally:
+        pool.close()
+    if seconds:
+        mean = {k: sum(t[k] for t in seconds) / len(seconds) for k in ("fuse", "load", "score")}
+        log(f"per evaluation: fuse {mean['fuse']:.3f} s, load {mean['load']:.3f} s, score {mean['score']:.3f} s "
+            f"(mean of {len(seconds)}, in memory)")
 
     best = vector_weights(result.best, n, groups)
     record = {
