@@ -18,7 +18,7 @@ best weights. Needs the ray extra.
 The demo is the one ``dvc repro`` built (the paths in params.yaml), or ``--demo DIR``.
 
     python bench/search_speed.py [--runs 6] [--fusion average]
-    python bench/search_speed.py --part backends [--budget 12]
+    python bench/search_speed.py --part backends [--budget 12] [--max-examples 20]
 """
 
 from __future__ import annotations
@@ -51,7 +51,10 @@ def _setup(args):
     data = {a: (Path(args.demo, "data", a) if args.demo else p.adapters[a].data) for a in f.adapters}
     valid = {a: valid_split(data[a], a) for a in f.adapters}
     ev = EvalSettings.of(p.eval, str(args.params))
-    s = settings({**(raw.get("search") or {}), "fusion": args.fusion}, "params.yaml: search")
+    section = {**(raw.get("search") or {}), "fusion": args.fusion}
+    if args.max_examples:
+        section["max_examples"] = args.max_examples
+    s = settings(section, "params.yaml: search")
     score = dict(max_examples=s["max_examples"] or ev.max_examples, max_tokens=ev.max_tokens,
                  batch_size=ev.batch_size)
     return base, adapters, data, valid, f.spec, ev, s, score
@@ -143,6 +146,7 @@ def main() -> None:
     ap.add_argument("--fusion", default="average")
     ap.add_argument("--runs", type=int, default=6, help="evaluations timed each way (after one warm-up)")
     ap.add_argument("--budget", type=int, default=12, help="search budget (part backends)")
+    ap.add_argument("--max-examples", type=int, help="validation examples per task (default: the search's)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     os.chdir(ROOT)

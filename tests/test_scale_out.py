@@ -87,3 +87,4 @@ def test_a_fresh_clone_pulls_the_outputs_and_recomputes_nothing(machines):
     r = sh("dvc", "repro", cwd=b)
     assert ran_stages(r.stdout) == set(), r.stdout
     assert "up to date" in sh("dvc", "status", cwd=b).stdout
+
