@@ -4,8 +4,8 @@
 ``registry`` (Method, Param, ModuleParams, the checks; the module-function contract), ``catalog`` (the
 registered methods), ``ops`` (the small reference operations), ``lowrank`` (stacked factors, exact
 re-factoring, randomized SVD), ``dense`` (the blocked kernels of the masking methods),
-``factor_space``, and one file per method family (``task_vectors``, ``slerp``). docs/methods.md
-explains the math. Importing this package is cheap (no numpy); the math loads on first use.
+``factor_space``, ``core_space``, and one file per method family (``task_vectors``, ``slerp``,
+``gta``). docs/methods.md explains the math. Importing this package is cheap (no numpy); the math loads on first use.
 """
 
 from __future__ import annotations
@@ -60,6 +60,8 @@ def run_method(m: Method, sources: Sequence, shape: tuple[int, int], p: ModulePa
         from pipeline.methods.lowrank import zero_module
 
         return zero_module(shape)
+    if p.space == "core":
+        return m.core(sources, shape, p, name)
     return m.delta(sources, shape, p, name)
 
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 from pipeline.methods.registry import Method, lazy, register
 
-TV, SLERP = "pipeline.methods.task_vectors", "pipeline.methods.slerp"
+TV, SLERP, GTA = "pipeline.methods.task_vectors", "pipeline.methods.slerp", "pipeline.methods.gta"
 
 register(Method("linear", "weighted sum of the deltas (task arithmetic), exact", ("weights", "rank"),
-                delta=lazy(TV, "linear"), factors=lazy(TV, "on_factors", None, False), exact=True,
+                delta=lazy(TV, "linear"), factors=lazy(TV, "on_factors", None, False),
+                core=lazy(TV, "on_cores", None, False), exact=True,
                 default_weight="mean"))
 register(Method("concat", "the stacked factors of the weighted deltas, exact, rank = sum of ranks",
                 ("weights", "rank"), delta=lazy(TV, "concat"), exact=True, default_weight="mean"))
@@ -28,7 +29,8 @@ for _name, _summary, _params, _sparsify, _elect in (
      ("weights", "density", "rank"), "magnitude", False),
 ):
     register(Method(_name, _summary, _params, delta=lazy(TV, "masked", _sparsify, _elect),
-                    factors=lazy(TV, "on_factors", _sparsify, _elect), exact=False))
+                    factors=lazy(TV, "on_factors", _sparsify, _elect),
+                    core=lazy(TV, "on_cores", _sparsify, _elect), exact=False))
 
 # --- spectral methods and KnOTS (exact on the stacked factors; no dense matrix) -------------------
 SPECTRAL, KNOTS = "pipeline.methods.spectral", "pipeline.methods.knots"
@@ -44,3 +46,18 @@ register(Method("knots", "KnOTS: the deltas in the shared SVD basis of their con
                 "with inner_method (linear, ties, dare_linear, dare_ties), exact low rank",
                 ("weights", "inner_method", "density", "majority_sign_method", "consensus", "seed", "rank"),
                 delta=lazy(KNOTS, "knots"), exact=True))
+
+# DELLA and Model Breadcrumbs, as mergekit 0.1.5 defines them (pipeline/methods/gta.py)
+for _name, _summary, _params in (
+    ("della", "magnitude-ranked random drop per row, L1 rescale, mergekit's TIES election (weighted mean)",
+     ("weights", "density", "epsilon", "majority_sign_method", "seed", "rank")),
+    ("della_linear", "magnitude-ranked random drop per row, L1 rescale, then the weighted sum",
+     ("weights", "density", "epsilon", "seed", "rank")),
+    ("breadcrumbs", "drop the smallest entries and the largest outliers, then the weighted sum",
+     ("weights", "density", "gamma", "rank")),
+    ("breadcrumbs_ties", "breadcrumbs' mask, then mergekit's election; the agreeing entries summed",
+     ("weights", "density", "gamma", "majority_sign_method", "rank")),
+):
+    register(Method(_name, _summary, _params, delta=lazy(GTA, "on_deltas", _name),
+                    core=lazy(GTA, "on_cores", _name), exact=False,
+                    check=lazy(GTA, "check") if _name.startswith("della") else None))

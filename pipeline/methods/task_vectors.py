@@ -59,3 +59,17 @@ def on_factors(sparsify: str | None, elect: bool):
                   elect=p.majority_sign_method if elect else None, consensus=p.consensus, rngs=rngs)
         return merge_task_vectors(As, p.weights, **kw), merge_task_vectors(Bs, p.weights, **kw)
     return in_factor_space(combine)
+
+
+def on_cores(sparsify: str | None, elect: bool):
+    """The core-space function (:mod:`pipeline.methods.core_space`): the same sparsify / elect, in the
+    fusion's ``consensus``, on the present sources' cores (source ``i``'s DARE stream draws its core's
+    mask); ``linear`` (neither) is the weighted sum, exact."""
+    from pipeline.methods.core_space import in_core_space
+
+    def combine(ms, weights, p: ModuleParams, name: str, idx):
+        rngs = [source_rng(p.seed, name, i) for i in idx] if sparsify == "random" else None
+        return merge_task_vectors(ms, weights, sparsify=sparsify, density=p.density,
+                                  elect=p.majority_sign_method if elect else None, consensus=p.consensus,
+                                  rngs=rngs)
+    return in_core_space(combine)
