@@ -56,12 +56,12 @@ def from_core(m: np.ndarray, q_b: np.ndarray, q_a: np.ndarray, rank: int | None,
     return _from_svd(q_b @ u[:, :k], s, vt[:k] @ q_a.T, k, shape, err)
 
 
-def in_core_space(combine: Combine, basis: Callable | None = None):
+def in_core_space(combine: Combine):
     """A module function from an element-wise merge ``combine`` of the present sources' cores.
-    ``basis(sources) -> (Q_B, Q_A)`` replaces :func:`bases` (the tests flip its signs)."""
+    The bases are looked up at each call (the tests flip their signs)."""
     def fuse(sources, shape, p: ModuleParams, name: str) -> FusedModule:
         idx = [i for i, s in enumerate(sources) if s is not None]
-        q_b, q_a = (basis or bases)(sources)
+        q_b, q_a = bases(sources)
         ms = cores([sources[i] for i in idx], q_b, q_a)
         merged = combine(ms, [p.weights[i] for i in idx], p, name, idx)
         return from_core(merged, q_b, q_a, p.rank, shape)
