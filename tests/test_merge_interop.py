@@ -12,7 +12,9 @@ libraries, so each library is fed our masks: PEFT's ``torch.bernoulli`` draw is 
 mask (PEFT still multiplies by it and divides by the density itself); mergekit's sparsifier is
 replaced by our DARE (mergekit's own rescales the survivors to the delta's L1 norm instead of
 dividing by the density), so what is tested there is everything after the mask: weights, sign
-election, divisor. Then a whole fusion: PEFT's ``add_weighted_adapter(combination_type="ties_svd")``
+election, divisor. mergekit's ``della`` / ``della_linear`` (its probabilities checked equal to ours, its
+Bernoulli draw replaced by our mask) and ``breadcrumbs`` / ``breadcrumbs_ties`` (deterministic: the
+same numbers). Then a whole fusion: PEFT's ``add_weighted_adapter(combination_type="ties_svd")``
 on a tiny Llama against ``fusion fuse --method ties`` of the same two adapters.
 """
 
@@ -230,6 +232,106 @@ def test_mergekit_and_peft_differ_as_the_issue_measured(mergekit_gta, peft_merge
     assert relative_difference(mk, pf) > 0.2
     assert np.array_equal(ours(sources, w, "magnitude", 0.5, "total", "mergekit"), mk)
     assert np.array_equal(ours(sources, w, "magnitude", 0.5, "total", "peft"), pf)
+
+
+# --- mergekit: della, della_linear, breadcrumbs, breadcrumbs_ties ---------------------------------
+
+GAMMAS = [0.01, 0.1]
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch's thread pool on a busy 2-core machine makes each small call 100x slower (measured)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def ours_gta(method, deltas, weights, density, msm="total", **kw):
+    """Our della / breadcrumbs merge of the float32 dense deltas (what ``--method`` runs on them)."""
+    from pipeline.methods import ModuleParams
+    from pipeline.methods.gta import merge
+
+    p = ModuleParams(weights=tuple(weights), density=density, majority_sign_method=msm, **kw)
+    return merge(method, deltas, weights, p, [source_rng(SEED, NAME, i) for i in range(len(deltas))])
+
+
+def mergekit_gta_method(gta, name: str, msm: str):
+    """mergekit's registered method ``name``; for ``frequency`` the same class with its ``count`` election."""
+    from mergekit.merge_methods import registry
+
+    m = registry.get(name)
+    if msm == "total":
+        return m
+    return gta.GeneralizedTaskArithmeticMerge(
+        consensus_method=gta.ConsensusMethod.count, sparsification_method=m.sparsification_method,
+        default_normalize=m.default_normalize, default_rescale=m.default_rescale, method_name=name + "_count",
+        method_pretty_name=None, method_reference_url=None)
+
+
+@pytest.mark.parametrize("method,msm", [("breadcrumbs", "total"), ("breadcrumbs_ties", "total"),
+                                        ("breadcrumbs_ties", "frequency")])
+@pytest.mark.parametrize("weights", WEIGHTS)
+@pytest.mark.parametrize("density", DENSITIES)
+@pytest.mark.parametrize("gamma", GAMMAS)
+@pytest.mark.usefixtures("one_torch_thread")
+def test_breadcrumbs_is_mergekit_breadcrumbs(mergekit_gta, deltas, method, msm, weights, density, gamma):
+    """Deterministic on both sides: the same numbers entry for entry."""
+    want = run_mergekit(mergekit_gta_method(mergekit_gta, method, msm), deltas, weights, density, gamma=gamma)
+    got = ours_gta(method, deltas, weights, density, msm, gamma=gamma)
+    same_numbers(got, want, f"{method} {msm} {weights} {density} {gamma}")
+
+
+@pytest.mark.parametrize("method,msm", [("della", "total"), ("della", "frequency"), ("della_linear", "total")])
+@pytest.mark.parametrize("weights", WEIGHTS)
+@pytest.mark.parametrize("density", [0.3, 0.5, 1.0])
+@pytest.mark.usefixtures("one_torch_thread")
+def test_della_is_mergekit_della_with_our_masks(monkeypatch, mergekit_gta, deltas, method, msm, weights,
+                                                density):
+    """mergekit's ``della_magprune`` draws ``torch.bernoulli(probs)``: its probabilities must equal ours,
+    and with our masks in place of its draw (PEFT-style injection) the merges agree; the L1 rescale
+    sums in another order (float32), hence a few ulps rather than equality."""
+    from pipeline.methods.gta import della_probabilities
+
+    eps = 0.15
+    order = iter(range(len(deltas)))
+
+    def draw(probs, *args, **kwargs):
+        i = next(order)
+        ours = della_probabilities(deltas[i], density, eps)
+        np.testing.assert_allclose(probs.numpy(), ours, rtol=0, atol=1e-7)
+        return torch.from_numpy((source_rng(SEED, NAME, i).random(SHAPE, dtype=np.float32) < ours)
+                                .astype(np.float32))
+
+    monkeypatch.setattr(torch, "bernoulli", draw)
+    want = run_mergekit(mergekit_gta_method(mergekit_gta, method, msm), deltas, weights, density, epsilon=eps)
+    assert next(order, None) is None or density >= 1.0      # one draw per source (none at density 1)
+    got = ours_gta(method, deltas, weights, density, msm, epsilon=eps)
+    want = want.numpy()
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * float(np.abs(want).max()),
+                               err_msg=f"{method} {msm} {weights} {density}")
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_della_keeps_what_mergekit_keeps_in_expectation(mergekit_gta, deltas):
+    """With mergekit's own random draws: per position, the keep frequency of its ``della_magprune`` over
+    many draws on one delta matches our probabilities (within 5 sigma of a binomial), and so does ours."""
+    from mergekit.sparsify import RescaleNorm, della_magprune
+
+    from pipeline.methods.gta import della_probabilities, della_prune
+
+    x = deltas[0][:8, :40].copy()
+    p = della_probabilities(x, 0.5, 0.2).astype(np.float64)
+    n = 2000
+    torch.manual_seed(0)
+    theirs = sum((della_magprune(torch.from_numpy(x), 0.5, 0.2, RescaleNorm.l1).numpy() != 0).astype(int)
+                 for _ in range(n))
+    rng = np.random.default_rng(0)
+    mine = sum((della_prune(x, 0.5, 0.2, rng) != 0).astype(int) for _ in range(n))
+    sigma = np.sqrt(n * p * (1 - p))
+    for kept in (theirs, mine):
+        assert np.all(np.abs(kept - n * p) < 5 * sigma)
 
 
 # --- a whole fusion: PEFT's add_weighted_adapter against fusion fuse ---------------------------------
