@@ -85,9 +85,9 @@ def ref_gta(vals, w, msm, normalize):
     return out
 
 
-def ref_merge(method, tensors, w, p, idx):
+def ref_merge(method, tensors, w, p, idx, name=NAME):
     """The element-wise merge of ``method`` on ``tensors`` (float64), source streams by ``idx``."""
-    rngs = [ref_rng(p.seed, NAME, i) for i in idx]
+    rngs = [ref_rng(p.seed, name, i) for i in idx]
     if method == "linear":
         return sum(wi * x for wi, x in zip(w, tensors))
     if method in ("ties", "magnitude_prune", "dare_linear", "dare_ties"):
@@ -107,17 +107,17 @@ def ref_merge(method, tensors, w, p, idx):
     return ref_gta(vals, w, p.majority_sign_method, normalize=method == "della")
 
 
-def ref_core(method, srcs, p):
+def ref_core(method, srcs, p, name=NAME, shape=SHAPE):
     """Cores from the DENSE deltas, M_i = Q_B^T dW_i Q_A, merged, mapped back: Q_B M Q_A^T."""
     q_b, q_a = ref_bases(srcs)
     idx = [i for i, s in enumerate(srcs) if s is not None]
-    ms = [q_b.T @ dense(srcs[i]) @ q_a for i in idx]
-    return q_b @ ref_merge(method, ms, [p.weights[i] for i in idx], p, idx) @ q_a.T
+    ms = [q_b.T @ dense(srcs[i], shape) @ q_a for i in idx]
+    return q_b @ ref_merge(method, ms, [p.weights[i] for i in idx], p, idx, name) @ q_a.T
 
 
-def ref_delta(method, srcs, p):
+def ref_delta(method, srcs, p, name=NAME, shape=SHAPE):
     idx = [i for i, s in enumerate(srcs) if s is not None]
-    return ref_merge(method, [dense(srcs[i]) for i in idx], [p.weights[i] for i in idx], p, idx)
+    return ref_merge(method, [dense(srcs[i], shape) for i in idx], [p.weights[i] for i in idx], p, idx, name)
 
 
 def params(method, **kw):
