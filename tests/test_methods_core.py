@@ -31,11 +31,18 @@ def sources():
 # --- the references ------------------------------------------------------------------------------
 
 def ref_bases(srcs):
-    """The SVD bases of the stacked B's and A's (all singular vectors, float64)."""
+    """The SVD bases of the stacked B's and A's (all singular vectors, float64), each vector's sign
+    such that its largest-magnitude entry is positive."""
     present = [s for s in srcs if s is not None]
     bs = np.hstack([s[1].astype(np.float64) for s in present])
     as_ = np.vstack([s[0].astype(np.float64) for s in present])
-    return np.linalg.svd(bs, full_matrices=False)[0], np.linalg.svd(as_, full_matrices=False)[2].T
+    out = []
+    for q in (np.linalg.svd(bs, full_matrices=False)[0], np.linalg.svd(as_, full_matrices=False)[2].T):
+        for j in range(q.shape[1]):
+            if q[np.argmax(np.abs(q[:, j])), j] < 0:
+                q[:, j] = -q[:, j]
+        out.append(q)
+    return tuple(out)
 
 
 def ref_della_probs(x, d, eps):
@@ -172,7 +179,8 @@ def test_density_one_in_core_space_is_linear_where_the_method_is(sources, method
 
 @pytest.mark.parametrize("method", CORE)
 def test_core_space_is_invariant_to_sign_flips_of_the_basis(monkeypatch, sources, method):
-    """Element-wise methods depend on the basis, but not on the signs of its vectors."""
+    """Element-wise methods depend on the basis, but not on the signs of its vectors (with the
+    ``total`` election; a tied ``frequency`` vote elects +, which a flip does not follow)."""
     p = params(method, density=0.5, seed=2)
     want = product(fuse_module(sources, SHAPE, method, p, NAME))
     rng = np.random.default_rng(9)
@@ -354,3 +362,26 @@ def test_registry_offers_core_space_for_the_element_wise_methods():
     assert [m for m in METHODS if "core" in METHODS[m].spaces] == list(CORE)
     with pytest.raises(FusionError, match="slerp.*not space 'core'"):
         check_params("slerp", 2, ModuleParams(weights=(0.5, 0.5), space="core"))
+
+
+@pytest.mark.parametrize("case", ["well-conditioned", "rank-deficient", "wide"])
+def test_left_singular_vectors_are_the_svds_up_to_signs(case):
+    rng = np.random.default_rng(5)
+    x = {"well-conditioned": rng.normal(size=(40, 6)),
+         "rank-deficient": np.hstack([rng.normal(size=(40, 3))] * 2),
+         "wide": rng.normal(size=(5, 9))}[case]
+    u = core_space.left_singular_vectors(x)
+    want, s, _ = np.linalg.svd(x, full_matrices=False)
+    assert u.shape == want.shape
+    keep = s > 1e-10 * s[0]                # null directions of a rank-deficient x are arbitrary
+    np.testing.assert_allclose(np.abs(np.sum(u[:, keep] * want[:, keep], axis=0)), 1.0, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(u.T @ u, np.eye(u.shape[1]), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "della", "breadcrumbs_ties"])
+def test_an_adapter_fused_with_itself_gives_it_back_in_core_space(method):
+    """The stacks [B, B] and [A; A] are rank-deficient: the SVD path, half of each core's entries zero."""
+    s = make_source(4, 51, scale=1.3)
+    p = params(method, weights=(1.0, 1.0), density=1.0)
+    factor = 2.0 if method == "breadcrumbs_ties" else 1.0
+    close(product(fuse_module([s, s], SHAPE, method, p, NAME)), factor * dense(s), tol=1e-6)
