@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from pipeline.errors import FusionError, os_error_line
-from pipeline.methods.registry import METHODS, method_list
+from pipeline.methods.registry import method_help, method_list
 
 # Imports that only some commands need (yaml, rich's progress and tables, the library) sit inside
 # the functions that use them, so `fusion --help` and `fusion validate` start quickly.
@@ -144,14 +144,15 @@ o_weights = typer.Option(None, "--weights", "-w", help="One weight per adapter: 
                          "a list per adapter interpolates across layers: [[1,0.5],[0,0.5]]. Default: "
                          "1/N for linear, concat, slerp; 1 for the others.")
 o_density = typer.Option(None, "--density", "-d", help="Fraction of entries kept by ties, dare_*, "
-                         "magnitude_prune, in (0, 1]; a list interpolates across layers. Default 1.")
+                         "magnitude_prune, della*, breadcrumbs* (in core space: of a core's entries), in "
+                         "(0, 1]; a list interpolates across layers. Default 1.")
 o_msm = typer.Option("total", "--majority-sign-method", help="TIES sign election: total or frequency.")
 o_consensus = typer.Option("peft", "--consensus", help="TIES convention: peft (elect on the unweighted values, "
                            "divide by the number agreeing) or mergekit (elect on the weighted values, divide "
                            "by the sum of the agreeing weights).")
 o_t = typer.Option(None, "--t", help="SLERP position in [0, 1] between two adapters (0 = first). Default 0.5.")
-o_rank = typer.Option(None, "--rank", "-r", help="Output rank. Default: exact for linear/concat/slerp, "
-                      "the largest input rank for the masking methods.")
+o_rank = typer.Option(None, "--rank", "-r", help="Output rank. Default: exact for linear/concat/slerp "
+                      "and in core space, the largest input rank for the masking methods in delta space.")
 o_space = typer.Option("delta", "--space", help="delta (exact, default), factors (per-tensor average "
                        "of lora_a/lora_b, as simple scripts do; equal ranks only) or core (the element-wise "
                        "methods on R x R cores in the SVD bases of the stacked factors).")
@@ -258,7 +259,7 @@ def validate(
     out.print("[green]ok[/]")
 
 
-@app.command(epilog="Methods: " + "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()) + ".")
+@app.command(epilog=method_help())
 def fuse(
     adapters: List[Path] = ADAPTERS,
     out_dir: Path = typer.Option(..., "--out", "-o", help="Output adapter directory (mlx-lm layout).", show_default=False),

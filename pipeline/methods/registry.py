@@ -155,6 +155,11 @@ def method_list(conjunction: str = "or") -> str:
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} {conjunction} {names[-1]}"
 
 
+def method_help() -> str:
+    """One paragraph per registered method, ``name (spaces): summary``, for the command line's help."""
+    return "\n\n".join(f"{m.name} ({', '.join(m.spaces)} space): {m.summary}." for m in METHODS.values())
+
+
 def _is_int(x) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
