@@ -385,3 +385,10 @@ def test_an_adapter_fused_with_itself_gives_it_back_in_core_space(method):
     p = params(method, weights=(1.0, 1.0), density=1.0)
     factor = 2.0 if method == "breadcrumbs_ties" else 1.0
     close(product(fuse_module([s, s], SHAPE, method, p, NAME)), factor * dense(s), tol=1e-6)
+
+
+def test_della_row_order_is_the_stable_sort_with_ties():
+    from pipeline.methods.gta import stable_row_order
+
+    x = np.abs(np.round(np.random.default_rng(6).normal(size=(50, 300)) * 8) / 8).astype(np.float32)
+    np.testing.assert_array_equal(stable_row_order(x), np.argsort(x, axis=1, kind="stable"))

@@ -35,6 +35,18 @@ KINDS = {
 }
 
 
+def stable_row_order(mag: np.ndarray) -> np.ndarray:
+    """``np.argsort(mag, axis=1, kind="stable")``, at the speed of the default (vectorised) sort: that
+    order, with only the rows that hold equal values sorted again stably (a fifth of the time on a
+    Llama-1B MLP module, where a few rows in ten hold a tie in float32)."""
+    order = np.argsort(mag, axis=1)
+    s = np.take_along_axis(mag, order, axis=1)
+    tied = np.flatnonzero((s[:, 1:] == s[:, :-1]).any(axis=1))
+    if tied.size:
+        order[tied] = np.argsort(mag[tied], axis=1, kind="stable")
+    return order
+
+
 def della_probabilities(x: np.ndarray, density: float, epsilon: float) -> np.ndarray:
     """mergekit's ``della_magprune`` keep probabilities (the shape and float dtype of ``x`` (rows,
     cols)): in each row, ``density - epsilon + 2 epsilon (rank - 1) / (cols - 1)`` with rank 1 the
@@ -44,7 +56,7 @@ def della_probabilities(x: np.ndarray, density: float, epsilon: float) -> np.nda
     dt = x.dtype.type
     if cols == 1:
         return np.full(x.shape, dt(density))
-    order = np.argsort(np.abs(x), axis=1, kind="stable")
+    order = stable_row_order(np.abs(x))
     rank = np.empty(x.shape, x.dtype)
     np.put_along_axis(rank, order, np.broadcast_to(np.arange(cols, dtype=x.dtype), x.shape), axis=1)
     rank /= dt(cols - 1)
