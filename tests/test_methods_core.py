@@ -32,14 +32,15 @@ def sources():
 
 def ref_bases(srcs):
     """The SVD bases of the stacked B's and A's (all singular vectors, float64), each vector's sign
-    such that its largest-magnitude entry is positive."""
+    such that the largest-magnitude entry of its partner on the other side of the SVD is positive."""
     present = [s for s in srcs if s is not None]
     bs = np.hstack([s[1].astype(np.float64) for s in present])
     as_ = np.vstack([s[0].astype(np.float64) for s in present])
     out = []
-    for q in (np.linalg.svd(bs, full_matrices=False)[0], np.linalg.svd(as_, full_matrices=False)[2].T):
+    for x in (bs, as_.T):
+        q, _, partner = np.linalg.svd(x, full_matrices=False)
         for j in range(q.shape[1]):
-            if q[np.argmax(np.abs(q[:, j])), j] < 0:
+            if partner[j, np.argmax(np.abs(partner[j]))] < 0:
                 q[:, j] = -q[:, j]
         out.append(q)
     return tuple(out)

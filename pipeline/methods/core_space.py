@@ -29,39 +29,42 @@ Combine = Callable[[list, list, ModuleParams, str, Sequence[int]], np.ndarray]
 
 
 def left_singular_vectors(x: np.ndarray) -> np.ndarray:
-    """All ``min(n, R)`` left singular vectors of ``x`` (n, R), float64, singular values descending.
+    """All ``min(n, R)`` left singular vectors ``u_j`` of ``x`` (n, R), float64, singular values
+    descending, each sign fixed by its right singular vector ``v_j`` (``x v_j = s_j u_j``): the
+    largest-magnitude entry of ``v_j`` is positive (a small vector, so the convention is cheap).
 
     A tall ``x`` with ``cond(x) <= COND_GRAM`` takes them from the eigenvectors of its Gram matrix,
     ``U = x V S^-1`` (error about ``cond^2 * 1e-16``; a third of the time of an SVD of ``x``,
-    measured on Llama-1B shapes); anything else (rank-deficient, ill-conditioned, wide) from the SVD.
-    Signs are left as they come (see :func:`bases`)."""
+    measured on Llama-1B shapes); anything else (rank-deficient, ill-conditioned, wide) from the SVD."""
     n, r = x.shape
     if n >= r > 0:
         w, v = np.linalg.eigh(x.T @ x)
         w, v = w[::-1], v[:, ::-1]
         if w[-1] > 0 and w[-1] * COND_GRAM ** 2 >= w[0]:
+            v = v * _signs(v.T)
             return x @ (v / np.sqrt(w))
-    return np.linalg.svd(x, full_matrices=False)[0]
+    u, _, vt = np.linalg.svd(x, full_matrices=False)
+    return u * _signs(vt)
 
 
-def fix_signs(q: np.ndarray) -> np.ndarray:
-    """``q`` with each column's sign chosen so that its largest-magnitude entry is positive."""
-    if q.shape[1] == 0:
-        return q
-    top = q[np.argmax(np.abs(q), axis=0), np.arange(q.shape[1])]
-    return q * np.where(top < 0, -1.0, 1.0)
+def _signs(rows: np.ndarray) -> np.ndarray:
+    """+1 / -1 per row: the sign of its largest-magnitude entry."""
+    if rows.shape[0] == 0:
+        return np.ones(0)
+    top = rows[np.arange(rows.shape[0]), np.argmax(np.abs(rows), axis=1)]
+    return np.where(top < 0, -1.0, 1.0)
 
 
 def bases(sources: Sequence) -> tuple[np.ndarray, np.ndarray]:
     """``(Q_B (out, R_B), Q_A (in, R_A))`` of the present sources (float64): the left singular vectors
-    of the stacked B's, the right singular vectors of the stacked A's, each vector's sign fixed
-    (:func:`fix_signs`). The signs matter only to a ``frequency`` election whose vote is tied
-    (it elects +): flipping a basis vector flips every core's entries along it, which any other
-    election and every sparsifier follow exactly."""
+    of the stacked B's, the right singular vectors of the stacked A's, signs fixed as
+    :func:`left_singular_vectors` says. The signs matter only to a ``frequency`` election whose
+    vote is tied (it elects +): flipping a basis vector flips every core's entries along it, which
+    any other election and every sparsifier follow exactly."""
     present = [s for s in sources if s is not None]
     b_stack = np.concatenate([np.asarray(s[1], np.float64) for s in present], axis=1)
     a_stack = np.concatenate([np.asarray(s[0], np.float64) for s in present], axis=0)
-    return fix_signs(left_singular_vectors(b_stack)), fix_signs(left_singular_vectors(a_stack.T))
+    return left_singular_vectors(b_stack), left_singular_vectors(a_stack.T)
 
 
 def cores(sources: Sequence, q_b: np.ndarray, q_a: np.ndarray) -> list[np.ndarray | None]:
@@ -87,8 +90,9 @@ def in_core_space(combine: Combine):
     The bases are looked up at each call (the tests flip their signs)."""
     def fuse(sources, shape, p: ModuleParams, name: str) -> FusedModule:
         idx = [i for i, s in enumerate(sources) if s is not None]
-        q_b, q_a = bases(sources)
-        ms = cores([sources[i] for i in idx], q_b, q_a)
+        present = [(np.asarray(sources[i][0], np.float64), np.asarray(sources[i][1], np.float64)) for i in idx]
+        q_b, q_a = bases(present)
+        ms = cores(present, q_b, q_a)
         merged = combine(ms, [p.weights[i] for i in idx], p, name, idx)
         return from_core(merged, q_b, q_a, p.rank, shape)
     return fuse
