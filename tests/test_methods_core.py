@@ -393,3 +393,30 @@ def test_della_row_order_is_the_stable_sort_with_ties():
 
     x = np.abs(np.round(np.random.default_rng(6).normal(size=(50, 300)) * 8) / 8).astype(np.float32)
     np.testing.assert_array_equal(stable_row_order(x), np.argsort(x, axis=1, kind="stable"))
+
+
+def test_fusion_fuse_in_core_space_and_della_on_the_command_line(tmp_path):
+    """The real command: --space core and --epsilon reach the record; the same command gives the same
+    bytes; a della density the epsilon does not fit is one error line and exit 2, nothing written."""
+    import json
+
+    from conftest import make_mlx_adapter, module_shapes, run_cli, tree_bytes
+
+    a, _ = make_mlx_adapter(tmp_path / "a", rank=4, scale=2.0, seed=1)
+    shapes = module_shapes()
+    shapes.pop("model.layers.1.mlp.down_proj")
+    b, _ = make_mlx_adapter(tmp_path / "b", shapes=shapes, rank=8, scale=1.0, seed=2)
+    args = ["fuse", a, b, "--method", "della", "--space", "core", "--density", "0.5", "--epsilon", "0.2",
+            "--seed", "3", "--weights", "0.7,1.2"]
+    outs = []
+    for name in ("one", "two"):
+        r = run_cli(*args, "--out", tmp_path / name)
+        assert r.returncode == 0, r.stdout + r.stderr
+        outs.append(tree_bytes(tmp_path / name))
+    assert outs[0] == outs[1]
+    rec = json.loads((tmp_path / "one" / "fusion.json").read_text())
+    assert rec["method"] == "della" and rec["params"]["space"] == "core" and rec["params"]["epsilon"] == 0.2
+    assert rec["output"]["max_error"] == 0.0 and rec["output"]["rank"] <= 12
+    r = run_cli("fuse", a, b, "--method", "della", "--density", "0.1", "--out", tmp_path / "bad")
+    assert r.returncode == 2 and r.stderr.count("error:") == 1 and "epsilon" in r.stderr
+    assert not (tmp_path / "bad").exists()
