@@ -38,6 +38,12 @@ CONFIGS: dict[str, tuple[str, str, list[str]]] = {
     "iso_cts": ("iso_cts", "delta", []),
     "knots ties": ("knots", "delta", ["--density", "0.5"]),
     "knots dare_ties": ("knots", "delta", ["--inner-method", "dare_ties", "--density", "0.5"]),
+    # core space (cores of R x R, never out x in) for every element-wise method, and della / breadcrumbs
+    # in delta space (dense, as ties)
+    **{f"{m} core": (m, "core", [] if m == "linear" else ["--density", "0.5"])
+       for m in ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune", "della", "della_linear",
+                 "breadcrumbs", "breadcrumbs_ties")},
+    **{m: (m, "delta", ["--density", "0.5"]) for m in ("della", "della_linear", "breadcrumbs", "breadcrumbs_ties")},
 }
 TARGET = {"1b": 3.0, "8b": 2.0}   # x the I/O floor
 
