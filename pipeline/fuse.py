@@ -4,7 +4,8 @@ The output is an mlx-lm adapter (``adapters.safetensors`` + ``adapter_config.jso
 every scale folded into the factors, one rank for all modules, zero-padded where a module needs
 less) that ``mlx_lm.load(base, adapter_path=out)`` loads unchanged, plus ``fusion.json``: inputs
 with their sha256, the method and fully resolved parameters, per-module rank, re-factoring error
-and geometry, library versions. No timestamps: same inputs and parameters give the same bytes.
+and geometry, the data-free quality signals (:mod:`pipeline.signals`), library versions. No
+timestamps: same inputs and parameters give the same bytes.
 Parameters resolve per module as :mod:`pipeline.spec` says.
 """
 
@@ -19,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline import geometry
+from pipeline import geometry, signals
 from pipeline.errors import FusionError
 from pipeline.formats import Adapter, sha256_file
 from pipeline.writers import mlx_config, output_num_layers, pad_rank, peft_config, write_mlx, write_peft
@@ -179,6 +180,7 @@ def fuse(adapters: list[str | Path], out: str | Path | None, spec: FusionSpec | 
             "mean_error": float(np.mean(errors)) if errors else 0.0,
         },
         "geometry": geometry.summarize(per_module, names),
+        "signals": signals.summarize(per_module, names),
         "modules": per_module,
         "versions": _versions(),
     }
@@ -193,6 +195,7 @@ def fuse(adapters: list[str | Path], out: str | Path | None, spec: FusionSpec | 
         record["output"]["layout"] = "peft"
         record["notes"].append(f"{len(biases)} module(s) with LoRA biases: written in the PEFT layout "
                                "(lora_bias), since mlx-lm's LoRA layers have no bias")
+    record["signals"]["warnings"] = signals.warnings(record["signals"], record["geometry"])
     with atomic_dir(out) as tmp:
         if biases:
             peft_cfg = peft_config([info_of[k] for k in fused], rank, 1.0, base)
@@ -230,7 +233,8 @@ def _fuse_module(method, sources: list, shape: tuple[int, int], p, name: str):
     factors = (np.asarray(result.a, np.float32), np.asarray(result.b, np.float32))
     return factors, {"rank": int(result.rank), "error": float(result.error),
                      "fused_norm": geometry.lowrank_norm(factors),
-                     **geometry.module_geometry(sources, shape, name)}
+                     **geometry.module_geometry(sources, shape, name),
+                     **signals.module_signals(sources, factors, float(result.error))}
 
 
 def _fused_bias(srcs: list[Adapter], name: str, p, uses_weights: bool) -> np.ndarray | None:
