@@ -1,5 +1,9 @@
 """``build_demo``: the whole demo build (data, base model, adapters) under a temporary directory
-inside ``root``, renamed into place at the end, so an interrupted build leaves nothing half-written."""
+inside ``root``, renamed into place at the end, so an interrupted build leaves nothing half-written.
+
+Besides one adapter per task it trains the joint-training baseline, ``adapters/joint``: the same
+trainer with the same settings and budget (iterations, batch size, rank) as each task's adapter, on
+the union of the tasks' training sets (``data/joint``: their train and valid splits, shuffled)."""
 
 from __future__ import annotations
 
@@ -18,9 +22,12 @@ from pipeline.demo.tasks import make_task_data, write_jsonl
 from pipeline.demo.train import train_adapter
 from pipeline.threads import blas_threads
 
+JOINT = "joint"  # the joint-training baseline: one adapter trained on every task's data
+
 
 def build_demo(root: str | Path, cfg: DemoConfig = DemoConfig(), progress: Progress | None = None) -> dict:
-    """Build the demo under ``root``: ``models/base``, ``adapters/<task>``, ``data/<task>``.
+    """Build the demo under ``root``: ``models/base``, ``adapters/<task>``, ``data/<task>``, and the
+    joint-training baseline ``adapters/joint`` with its data ``data/joint``.
 
     Existing outputs of the same names are replaced, and only once everything is built. Returns a
     summary (config, sizes, losses; wall times under ``seconds``, the one part that varies run to run).
@@ -69,8 +76,22 @@ def _build(root: Path, cfg: DemoConfig, progress: Progress | None) -> dict:
                 cfg.seed_for("adapter", task), progress, f"adapter {task}")
             seconds[f"adapter {task}"] = time.perf_counter() - t0
 
+        t0 = time.perf_counter()
+        rng = np.random.default_rng(cfg.seed_for("joint"))
+        for split in ("train", "valid"):
+            rows = [line for task in cfg.tasks
+                    for line in (tmp / "data" / task / f"{split}.jsonl").read_text().splitlines()]
+            (tmp / "data" / JOINT).mkdir(parents=True, exist_ok=True)
+            (tmp / "data" / JOINT / f"{split}.jsonl").write_text(
+                "".join(rows[i] + "\n" for i in rng.permutation(len(rows))), encoding="utf-8")
+        sizes[JOINT] = {"train": len((tmp / "data" / JOINT / "train.jsonl").read_text().splitlines())}
+        adapters[JOINT] = train_adapter(
+            base_dir, tmp / "data" / JOINT, tmp / "adapters" / JOINT, cfg,
+            cfg.seed_for("joint"), progress, f"adapter {JOINT}")
+        seconds[f"adapter {JOINT}"] = time.perf_counter() - t0
+
         _move_into_place(tmp, root, ["models/base"] + [f"{d}/{t}" for d in ("adapters", "data")
-                                                       for t in cfg.tasks])
+                                                       for t in (*cfg.tasks, JOINT)])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     seconds["total"] = time.perf_counter() - t_all

@@ -16,7 +16,7 @@ from pipeline.errors import FusionError
 Progress = Callable[[str, int, int], None]
 
 # The parts of the build that draw random numbers, each with its own stream (see ``seed_for``).
-_STAGES = {"data": 1, "base": 2, "pretrain data": 3, "adapter": 4}
+_STAGES = {"data": 1, "base": 2, "pretrain data": 3, "adapter": 4, "joint": 5}
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,8 @@ class DemoConfig:
 
     def seed_for(self, stage: str, task: str | None = None) -> int:
         """The seed of one part of the build: ``"data"`` or ``"adapter"`` of a ``task``, the
-        ``"base"`` model's initialisation or the ``"pretrain data"``; derived from ``seed``.
+        ``"base"`` model's initialisation, the ``"pretrain data"`` or the ``"joint"`` adapter (its
+        data order and its training); derived from ``seed``.
         A task's stream is keyed by its place in ``TASKS``, not in ``tasks``.
         """
         key = [self.seed, _STAGES[stage]] + ([] if task is None else [list(TASKS).index(task)])

@@ -96,3 +96,18 @@ def write_task(out: str | Path, task: str, sizes: dict[str, int], seed: int) -> 
             (tmp / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
             at += n
     return dict(sizes)
+
+
+def write_union(out: str | Path, sources: list[Path], seed: int, splits=("train", "valid")) -> dict[str, int]:
+    """Write ``out/{split}.jsonl`` as the union of the ``sources`` directories' splits, shuffled
+    from ``seed`` (the joint-training baseline's data). Returns the number of examples per split."""
+    rng = random.Random(f"union:{seed}")
+    sizes = {}
+    with atomic_dir(out) as tmp:
+        for split in splits:
+            lines = [line for src in sources
+                     for line in (Path(src) / f"{split}.jsonl").read_text(encoding="utf-8").splitlines() if line]
+            rng.shuffle(lines)
+            (tmp / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+            sizes[split] = len(lines)
+    return sizes

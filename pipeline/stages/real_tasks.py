@@ -3,6 +3,8 @@
 Reads the ``tasks:`` section of params.yaml (``names``, ``seed``, ``sizes``) and writes
 ``--out/NAME/{train,valid,test}.jsonl`` (prompt/completion pairs, see pipeline/realmodel/tasks.py)
 and the record ``--out/tasks.json``; ``--out`` is replaced only when it holds that record or is empty.
+With ``joint: NAME`` also ``--out/NAME/{train,valid}.jsonl``, the union of the tasks' splits (the
+data of the joint-training baseline).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ def main(params: Path = typer.Option(Path("params.yaml"), help="Reads its 'tasks
     from pipeline.destination import check_destination
     from pipeline.io import atomic_dir, write_json
     from pipeline.params import load_params
-    from pipeline.realmodel.tasks import write_task
+    from pipeline.realmodel.tasks import write_task, write_union
 
     section = load_params(params).get("tasks") or {}
     sizes = {k: int(v) for k, v in (section.get("sizes") or {"train": 600, "valid": 50, "test": 100}).items()}
@@ -34,6 +36,11 @@ def main(params: Path = typer.Option(Path("params.yaml"), help="Reads its 'tasks
         for name in section.get("names") or []:
             write_task(tmp / name, name, sizes, int(section.get("seed", 0)))
             print(f"{out}/{name}: " + ", ".join(f"{n} {s}" for s, n in sizes.items()))
+        joint = section.get("joint")
+        if joint:
+            union = write_union(tmp / joint, [tmp / n for n in section.get("names") or []],
+                                int(section.get("seed", 0)))
+            print(f"{out}/{joint}: " + ", ".join(f"{n} {s}" for s, n in union.items()))
 
 
 if __name__ == "__main__":
