@@ -241,11 +241,15 @@ def validate(
     gamma: float = o_gamma,
     out_dir: Optional[Path] = typer.Option(None, "--out", help="The planned output directory (checked not to be an input)."),
     ignore_base: bool = o_ignore_base, base: Optional[Path] = o_base,
+    signals: Path = typer.Option(Path("reports/signals.json"), "--signals",
+                                 help="A report's signals.json: when it exists, predict this fusion's retention."),
 ):
     """Check that ADAPTERS can be fused (with these settings); print what was found.
 
     Exit 0 when they can; otherwise one line per problem and exit 2. Reads configs and headers, plus
-    one streaming pass for NaN/Inf.
+    one streaming pass for NaN/Inf. When --signals names a report's signals.json, the fusion is also
+    computed in memory (nothing is written) and the data-free signal that best predicted retention
+    there gives a predicted retention, with its warnings.
     """
     from pipeline.validate import validate as run
 
@@ -256,7 +260,36 @@ def validate(
     out.print(adapter_table(result.adapters, f"{len(adapters)} adapters can be fused with {spec.method}"))
     for note in result.notes:
         out.print(f"note: {escape(note)}", highlight=False)
+    if signals.is_file():
+        _predict(adapters, spec, signals, ignore_base)
     out.print("[green]ok[/]")
+
+
+def _predict(adapters: list[Path], spec, signals: Path, ignore_base: bool) -> None:
+    """Fuse in a temporary directory and print the predicted retention and the signals' warnings."""
+    import json
+    import tempfile
+
+    from pipeline.fuse import fuse as run
+    from pipeline.report.evidence import predict, signal_values
+
+    try:
+        power = json.loads(signals.read_text())
+    except (OSError, ValueError) as e:
+        raise FusionError(f"{signals}: not a readable signals.json ({e})") from None
+    with tempfile.TemporaryDirectory(prefix="lora-fusion-validate-") as tmp:
+        record = run(adapters, Path(tmp) / "fused", spec, ignore_base=ignore_base)
+    fit = power.get("fit")
+    values = signal_values(record["signals"], record["geometry"])
+    if fit and values.get(fit["signal"]) is not None:
+        rho = (power.get("signals") or {}).get(fit["signal"], {}).get("spearman")
+        out.print(f"predicted mean retention {predict(fit, record['signals'], record['geometry']):.3f} "
+                  f"(not evaluated: from {fit['signal']} = {values[fit['signal']]:.3f}, the best signal in "
+                  f"{signals}, Spearman {rho:.2f} over {fit['n']} fusions)", highlight=False)
+    else:
+        out.print(f"no prediction: {signals} has no fitted signal", highlight=False)
+    for w in record["signals"].get("warnings") or []:
+        out.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
 
 
 @app.command(epilog=method_help())

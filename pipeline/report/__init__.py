@@ -8,7 +8,8 @@ from the record's ``geometry`` summary). It writes the files of ``REPORT_FILES``
 and returns their paths by role; ``dvc_plots`` gives the matching ``plots:`` entries of ``dvc.yaml``.
 Same inputs give byte-identical files. The input formats in full: ``docs/report.md``.
 
-Modules: ``gather`` (inputs to one structure), ``metrics`` (metrics, headline, plot rows),
+Modules: ``gather`` (inputs to one structure), ``evidence`` (league table, predictive power of the
+signals), ``metrics`` (metrics, headline, plot rows),
 ``figures`` (PNGs), ``content`` (what the report says), ``render`` (Markdown, HTML), ``files``.
 """
 
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from pipeline.evaluate import ROUTING_TOLERANCE
 from pipeline.report.content import report_blocks
+from pipeline.report.evidence import predictive_power, signal_points
 from pipeline.report.figures import geometry_figure, retention_figure, scores_figure, weights_figure
 from pipeline.report.files import to_json, write_atomic
 from pipeline.report.gather import collect
@@ -37,6 +39,7 @@ REPORT_FILES = {
     "retention_figure": "figures/retention.png",
     "geometry_figure": "figures/geometry.png",
     "weights_figure": "figures/weights.png",
+    "signals": "signals.json",
     "markdown": "report.md",
     "html": "report.html",
 }
@@ -45,14 +48,20 @@ REPORT_FILES = {
 def write_report(out_dir: str | Path, params: dict, baselines: dict, evals: dict,
                  infos: dict | None = None, *, tasks_of: dict | None = None,
                  tolerance: float = ROUTING_TOLERANCE,
-                 title: str = "Adapter fusion report") -> dict[str, Path]:
+                 title: str = "Adapter fusion report", controls: dict | None = None,
+                 joint: str | None = None) -> dict[str, Path]:
     """Write metrics, plot data, figures and the report under ``out_dir``; return their paths by role.
 
     ``figures/geometry.png`` is written when some fusion has per-module figures and
     ``figures/weights.png`` when some fusion gives its adapters weights; every other file always.
+    ``controls`` (per fusion, its random control's record) and ``joint`` (the joint-training
+    adapter's name) add those baselines; ``signals.json`` holds the data-free signals of every
+    fusion and control against measured retention, their rank correlations and the fit of the best.
     """
     out = Path(out_dir)
-    data = collect(params, baselines, evals, infos or {}, tasks_of or {}, tolerance)
+    data = collect(params, baselines, evals, infos or {}, tasks_of or {}, tolerance, controls, joint)
+    points = signal_points(data)
+    data["power"] = predictive_power(points)
     written: dict[str, Path] = {}
 
     def put(role: str, content: bytes | str) -> None:
@@ -60,6 +69,7 @@ def write_report(out_dir: str | Path, params: dict, baselines: dict, evals: dict
 
     put("metrics", to_json(metrics(data)))
     put("headline", to_json(headline(data)))
+    put("signals", to_json({**data["power"], "points": points}))
     plots = plot_rows(data)
     for role, rows in plots.items():
         put(role, to_json(rows))

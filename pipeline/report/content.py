@@ -14,6 +14,7 @@ import json
 import math
 
 from pipeline.methods.registry import PARAMS
+from pipeline.report.evidence import league
 from pipeline.report.formatting import MISSING, fmt, gain_pts, pct, signed
 from pipeline.report.gather import best_fusions
 
@@ -23,8 +24,131 @@ SETTING_ORDER = ["method", *PARAMS]
 
 def report_blocks(data: dict, figures: dict[str, str], title: str) -> list:
     """The whole report, section by section."""
-    return [*_summary(data, title), *_fusions(data), *_scores(data, figures), *_baselines(data),
-            *_geometry(data, figures), *_generations(data), *_hashes(data)]
+    head = _summary(data, title)
+    return [*head[:2], *_league(data), *head[2:], *_fusions(data), *_scores(data, figures),
+            *_baselines(data), *_drift(data), *_signals(data), *_geometry(data, figures),
+            *_generations(data), *_hashes(data)]
+
+
+def _league(data: dict) -> list:
+    """One row a method: its best setting chosen on the validation split, scored on the test split,
+    next to the random control, the joint-training baseline and routing."""
+    groups = league(data)
+    if not groups:
+        return []
+    blocks: list = [
+        ("h", 2, "League table"),
+        ("p", ["One row a method, per set of source adapters. Each method's best setting is chosen "
+               "on the validation split (highest mean retention on valid.jsonl), then scored on the "
+               "test split: retention per task, mean and worst. ",
+               ("b", "random"), ": the same fusion with every source replaced by a random adapter of "
+               "the same ranks and per-module norms (how much comes from the learned directions at "
+               "all). ", ("b", "joint training"), ": one adapter trained with the same trainer and "
+               "budget on the union of the tasks' training sets. ", ("b", "KL"), ": off-task drift "
+               "from the base model (nats per token, lower is better). Routing each task to its own "
+               "adapter scores 1.0 by definition."]),
+    ]
+    for g in groups:
+        tasks = g["tasks"]
+        rows = []
+        for r in g["rows"]:
+            chosen = {"valid": f"valid ({r['candidates']})", "test": f"test ({r['candidates']}, no valid)",
+                      "only one": "only setting"}[r["chosen_on"]]
+            rows.append([[("b", r["method"])], r["fusion"], chosen]
+                        + [fmt(r["tasks"].get(t), 3) for t in tasks]
+                        + [[("b", fmt(r["mean"], 3))], fmt(r["worst"], 3), fmt(r["control_mean"], 3),
+                           fmt(r["kl"], 4)])
+        j = g["joint"]
+        if j is not None:
+            rows.append([[("b", "joint training")], f"adapter {j['name']}", "–"]
+                        + [fmt(j["tasks"].get(t), 3) for t in tasks]
+                        + [[("b", fmt(j["mean"], 3))], fmt(j["worst"], 3), MISSING, fmt(j["kl"], 4)])
+        kls = [x for x in g["source_kl"].values() if x is not None]
+        rows.append([[("b", "routing")], "each task to its own adapter", "–"] + ["1.000" for _ in tasks]
+                    + ["1.000", "1.000", MISSING,
+                       (f"{min(kls):.4f}–{max(kls):.4f}" if kls else MISSING)])
+        blocks += [("h", 3, " + ".join(g["adapters"])),
+                   ("table", ["method", "best setting", "chosen on (candidates)"]
+                    + [f"{t} retention" for t in tasks] + ["mean", "worst", "random", "KL"], rows)]
+    blocks.append(("p", ["Routing's KL is the range of the source adapters' own drift."]))
+    return blocks
+
+
+def _drift(data: dict) -> list:
+    """Off-task drift of every model side by side."""
+    rows = []
+
+    def row(label, d):
+        if d:
+            rows.append([label, fmt(d.get("kl"), 4), fmt(d.get("loss"), 3), pct(d.get("agreement")),
+                         str(d.get("n", MISSING))])
+
+    row("base", data.get("base_drift"))
+    for a, d in (data.get("adapter_drift") or {}).items():
+        row(f"adapter {a}", d)
+    for n, f in data["fusions"].items():
+        row(f"fusion {n}", f.get("drift"))
+        if f.get("control"):
+            row(f"random control of {n}", f["control"].get("drift"))
+    if not rows:
+        return []
+    return [("h", 2, "Off-task drift"),
+            ("p", ["Prompts that belong to none of the tasks, answered greedily by the base model "
+                   "(reports/offtask.jsonl). Per model, teacher-forced on the base's answers: the mean "
+                   "KL divergence of its next-token distribution from the base's (nats per token), "
+                   "its loss on the base's answers (the base's own is the floor) and how often its "
+                   "most likely next token is the base's. Does a fusion disturb the base model more "
+                   "than its sources do?"]),
+            ("table", ["model", "KL from base", "base-answer loss", "top-1 agreement", "prompts"], rows)]
+
+
+def _signals(data: dict) -> list:
+    """The data-free signals per fusion, and how well each predicts measured retention."""
+    rows = []
+    for n, f in data["fusions"].items():
+        s = f.get("signals") or {}
+        if not s:
+            continue
+        kept = ", ".join(f"{a['name']} {fmt(a['kept'], 2)}" for a in s.get("adapters") or [])
+        align = ", ".join(f"{a['name']} {fmt(a['alignment'], 2)}" for a in s.get("adapters") or [])
+        rows.append([[("b", n)], kept or MISSING, align or MISSING, fmt(s.get("energy_kept"), 4),
+                     fmt(s.get("mean_overlap"), 3), fmt(s.get("interference"), 3),
+                     fmt(f["retention"]["mean_retention"], 3),
+                     fmt((f.get("control") or {}).get("retention", {}).get("mean_retention"), 3)])
+    if not rows:
+        return []
+    blocks: list = [
+        ("h", 2, "Quality signals that need no data"),
+        ("p", ["Computed by the fuse step from the factors alone (pipeline/signals.py): how much of "
+               "each source's delta the fusion keeps (<dW_i, dW_F> / |dW_i|², 1 = all of it), the "
+               "Iso-C alignment of each source with the fusion's dominant output directions, the "
+               "energy kept by re-factoring to the output rank, the mean subspace overlap of the "
+               "sources (principal angles of their column and row spaces) and TSV-Merge's task "
+               "interference, next to the measured mean retention."]),
+        ("table", ["fusion", "kept per source", "alignment per source", "energy kept", "source overlap",
+                   "interference", "mean retention", "random control"], rows)]
+    warn = [[("b", n), ": " + w] for n, f in data["fusions"].items()
+            for w in (f.get("signals") or {}).get("warnings") or []]
+    if warn:
+        blocks.append(("list", warn))
+    power = data.get("power") or {}
+    prow = [[name, s["description"], fmt(s["spearman"], 3), str(s["n"])]
+            for name, s in (power.get("signals") or {}).items()]
+    if prow:
+        fit = power.get("fit")
+        blocks += [("h", 3, "How well each signal predicts retention"),
+                   ("p", ["Spearman rank correlation of each signal with the measured mean retention, "
+                          "over every fusion here and its random control (n = the points that have the "
+                          "signal). Negative means a higher value predicts lower retention."]),
+                   ("table", ["signal", "what it is", "Spearman", "n"], prow)]
+        if fit:
+            blocks.append(("p", ["Best: ", ("b", fit["signal"]), f" (rank correlation "
+                                 f"{fmt(power['signals'][fit['signal']]['spearman'], 3)}, n = {fit['n']}). "
+                                 f"Its least-squares fit, retention ≈ {fit['intercept']:.3f} "
+                                 f"{'+' if fit['slope'] >= 0 else '-'} {abs(fit['slope']):.3f} × "
+                                 f"{fit['signal']}, is the prediction ", ("code", "fusion validate"),
+                                 " shows next to a fusion not evaluated yet (reports/signals.json)."]))
+    return blocks
 
 
 def _summary(data: dict, title: str) -> list:

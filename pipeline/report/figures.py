@@ -11,7 +11,7 @@ import re
 from pipeline.report.formatting import fmt, pct
 
 _FUSION_COLOURS = ["#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
-_BASE_COLOUR, _ADAPTER_COLOUR = "#a0a0a0", "#1f77b4"
+_BASE_COLOUR, _ADAPTER_COLOUR, _JOINT_COLOUR = "#a0a0a0", "#1f77b4", "#17344f"
 
 
 def _figure(width: float, height: float):
@@ -31,19 +31,24 @@ def _png(fig) -> bytes:
 def _colour(model: str, fusion_names: list[str]) -> str:
     if model == "base":
         return _BASE_COLOUR
+    if model.endswith("(joint training)"):
+        return _JOINT_COLOUR
     if model.startswith("adapter "):
         return _ADAPTER_COLOUR
     return _FUSION_COLOURS[fusion_names.index(model[len("fusion "):]) % len(_FUSION_COLOURS)]
 
 
 def scores_figure(data: dict) -> bytes:
-    """Per task: the base, the task's own adapter(s) and every fusion; accuracy and loss panels."""
+    """Per task: the base, the task's own adapter(s), the joint-training adapter and every fusion;
+    accuracy and loss panels."""
     fusion_names = list(data["fusions"])
     groups = []  # (task, [(model, metrics)])
     for task in data["tasks"]:
         models = [("base", data["base"].get(task))]
         models += [(f"adapter {a}", ev.get(task)) for a, ev in data["adapters"].items()
                    if data["task_of"].get(a) == task]
+        if data.get("joint"):
+            models.append((f"adapter {data['joint']['name']} (joint training)", data["joint"]["eval"].get(task)))
         models += [(f"fusion {n}", f["eval"].get(task)) for n, f in data["fusions"].items()]
         groups.append((task, [(m, x) for m, x in models if x is not None]))
     has_acc = any(x.get("accuracy") is not None for _, ms in groups for _, x in ms)
@@ -123,47 +128,102 @@ def weights_figure(rows: list[dict], fusion_names: list[str]) -> bytes:
     return _png(fig)
 
 
+def source_pairs(data: dict) -> list[tuple[str, str, str, int, int]]:
+    """Each pair of source adapters once: ``(a, b, fusion, i, j)``, the first fusion (with per-module
+    figures) that fuses both and the pair's indices in it."""
+    seen, out = set(), []
+    for name, f in data["fusions"].items():
+        if not f["modules"]:
+            continue
+        ad = f["adapters"]
+        for i in range(len(ad)):
+            for j in range(i + 1, len(ad)):
+                key = frozenset((ad[i], ad[j]))
+                if key not in seen and len(key) == 2:
+                    seen.add(key)
+                    out.append((ad[i], ad[j], name, i, j))
+    return out
+
+
 def geometry_figure(data: dict) -> bytes:
-    """Per fusion and module: mean cosine between sources, sign-conflict rate, re-factoring error."""
+    """The sources' pairwise geometry per module, once per pair of adapters (cosine, sign conflicts,
+    column- and row-space overlap), then what is specific to each fusion: the least share of a
+    source it keeps, per module, and its re-factoring error."""
+    pairs = source_pairs(data)
     fusions = [(n, f["modules"]) for n, f in data["fusions"].items() if f["modules"]]
-    fig = _figure(9.0, 0.9 + 2.6 * len(fusions))
-    axes = fig.subplots(len(fusions), 1, squeeze=False)[:, 0]
-    for ax, (name, modules) in zip(axes, fusions):
-        xs = range(len(modules))
+    has_error = any((m.get("error") or 0) > 0 for _, mods in fusions for m in mods.values())
+    n_panels = len(pairs) + 1 + has_error
+    fig = _figure(9.0, 0.9 + 2.6 * n_panels)
+    axes = list(fig.subplots(n_panels, 1, squeeze=False)[:, 0])
+    for ax, (a, b, name, i, j) in zip(axes, pairs):
+        modules = data["fusions"][name]["modules"]
         series = {
-            "mean cosine between sources": [_pair_mean(m.get("cosine")) for m in modules.values()],
-            "sign-conflict rate": [_pair_mean(m.get("sign_conflict")) for m in modules.values()],
-            "re-factoring error": [m.get("error") for m in modules.values()],
+            "cosine": [_entry(m.get("cosine"), i, j) for m in modules.values()],
+            "sign-conflict rate": [_entry(m.get("sign_conflict"), i, j) for m in modules.values()],
+            "column-space overlap": [_entry(m.get("column_overlap"), i, j) for m in modules.values()],
+            "row-space overlap": [_entry(m.get("row_overlap"), i, j) for m in modules.values()],
         }
-        for (label, ys), marker in zip(series.items(), "osx"):
-            pts = [(x, y) for x, y in zip(xs, ys) if y is not None]
+        for (label, ys), marker in zip(series.items(), "osx^"):
+            pts = [(x, y) for x, y in enumerate(ys) if y is not None]
             if pts:
                 ax.plot(*zip(*pts), marker=marker, ms=3, lw=1, label=label)
         ax.axhline(0, color="black", lw=0.5)
-        ax.set_title(f"{name}: geometry per module ({len(modules)} modules, in file order)", fontsize=10)
-        if len(modules) <= 24:
-            ax.set_xticks(list(xs), [_short_module(m) for m in modules], rotation=60, ha="right",
-                          fontsize=7)
-        else:
-            ax.set_xlabel("module index")
+        ax.set_title(f"sources {a} and {b}: geometry per module ({len(modules)} modules)", fontsize=10)
+        _module_ticks(ax, modules)
         ax.grid(alpha=0.3)
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncol=3, fontsize=8, frameon=False)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="upper right", ncol=4, frameon=False)
+    names = [n for n, _ in fusions]
+    ax = axes[len(pairs)]
+    for name, modules in fusions:
+        ys = [_least(m.get("kept")) for m in modules.values()]
+        pts = [(x, y) for x, y in enumerate(ys) if y is not None]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", ms=3, lw=1, label=name,
+                    color=_colour(f"fusion {name}", names))
+    ax.axhline(1.0, color="black", lw=0.5)
+    ax.axhline(0, color="black", lw=0.5)
+    ax.set_title("per fusion: least share of a source's delta kept, per module (<dW_i, dW_F> / |dW_i|²)",
+                 fontsize=10)
+    _module_ticks(ax, fusions[0][1] if fusions else {})
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    else:
+        ax.text(0.5, 0.5, "no per-module signals recorded", transform=ax.transAxes, ha="center",
+                color="#707070")
+    if has_error:
+        ax = axes[-1]
+        for name, modules in fusions:
+            ys = [m.get("error") for m in modules.values()]
+            if any(y for y in ys if y is not None):
+                ax.plot(range(len(ys)), [y or 0.0 for y in ys], marker="x", ms=3, lw=1, label=name,
+                        color=_colour(f"fusion {name}", names))
+        ax.set_title("per fusion: re-factoring error per module (|dW - dW_r| / |dW|)", fontsize=10)
+        _module_ticks(ax, fusions[0][1])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     return _png(fig)
+
+
+def _module_ticks(ax, modules) -> None:
+    if 0 < len(modules) <= 24:
+        ax.set_xticks(list(range(len(modules))), [_short_module(m) for m in modules], rotation=60,
+                      ha="right", fontsize=7)
+    else:
+        ax.set_xlabel("module index (file order)")
+
+
+def _entry(matrix, i: int, j: int) -> float | None:
+    if matrix is None or isinstance(matrix, (int, float)):
+        return None if matrix is None else float(matrix)
+    return matrix[i][j]
+
+
+def _least(values) -> float | None:
+    values = [v for v in values or [] if v is not None]
+    return min(values) if values else None
 
 
 def _short_module(name: str) -> str:
     return re.sub(r"^(base_model\.model\.)?model\.layers\.", "L", name)
-
-
-def _pair_mean(matrix) -> float | None:
-    """Mean of the off-diagonal entries (i < j) of one module's pairwise matrix (cosine, sign
-    conflict); a number stands for one pair. Undefined entries (``None``: a module one adapter of
-    the pair does not change) are left out."""
-    if matrix is None:
-        return None
-    if isinstance(matrix, (int, float)):
-        return float(matrix)
-    p = [matrix[i][j] for i in range(len(matrix)) for j in range(i + 1, len(matrix))
-         if matrix[i][j] is not None]
-    return sum(p) / len(p) if p else None

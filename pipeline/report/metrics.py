@@ -20,24 +20,52 @@ def metrics(data: dict) -> dict:
         tasks = {t: _drop_none({"accuracy": x["accuracy"], "loss": x["loss"], "retention": x["retention"]})
                  for t, x in r["tasks"].items()}
         tasks.update({t: scores(f["eval"][t]) for t in f["other_tasks"]})
+        c, j = f.get("control"), f.get("joint_retention")
         fusions[name] = _drop_none({
             "mean_retention": r["mean_retention"],
             "worst_retention": r["worst_retention"],
             "worse_than_routing": r["worse_than_routing"],
             "tasks": tasks,
+            "valid_mean_retention": (f.get("valid_retention") or {}).get("mean_retention"),
+            "random_control": _drop_none({"mean_retention": c["retention"]["mean_retention"],
+                                          "worst_retention": c["retention"]["worst_retention"],
+                                          "drift_kl": (c.get("drift") or {}).get("kl")}) if c else None,
+            "joint_mean_retention": j["mean_retention"] if j else None,
+            "drift": _drift(f.get("drift")),
+            "signals": _drop_none({k: (f.get("signals") or {}).get(k)
+                                   for k in ("min_kept", "min_alignment", "energy_kept", "mean_overlap",
+                                             "interference")}) or None,
         })
-    return {
+    power = data.get("power") or {}
+    return _drop_none({
         "fusions": fusions,
         "base": {t: scores(m) for t, m in data["base"].items()},
         "adapters": {a: {t: scores(m) for t, m in ev.items()} for a, ev in data["adapters"].items()},
-    }
+        "drift": _drop_none({"base": _drift(data.get("base_drift")),
+                             **{a: _drift(d) for a, d in (data.get("adapter_drift") or {}).items()}}) or None,
+        "signals": _drop_none({name: _drop_none({"spearman": s["spearman"], "n": s["n"]})
+                               for name, s in (power.get("signals") or {}).items()}) or None,
+    })
+
+
+def _drift(d: dict | None) -> dict | None:
+    return None if not d else _drop_none({"kl": d.get("kl"), "loss": d.get("loss"),
+                                          "agreement": d.get("agreement")})
 
 
 def headline(data: dict) -> dict:
-    """``headline.json``: each fusion's mean and worst retention under short names, a second DVC
-    metrics file narrow enough for ``dvc metrics show`` and ``dvc exp show`` to read at a glance."""
-    return {name: _drop_none({"mean": f["retention"]["mean_retention"], "worst": f["retention"]["worst_retention"]})
-            for name, f in data["fusions"].items()}
+    """``headline.json``: each fusion's mean and worst retention, its random control's mean
+    (``random``), the joint-training adapter's mean on the same tasks (``joint``) and its off-task
+    drift (``kl``) under short names, a second DVC metrics file narrow enough for
+    ``dvc metrics show`` and ``dvc exp show`` to read at a glance."""
+    out = {}
+    for name, f in data["fusions"].items():
+        c, j = f.get("control"), f.get("joint_retention")
+        out[name] = _drop_none({"mean": f["retention"]["mean_retention"], "worst": f["retention"]["worst_retention"],
+                                "random": c["retention"]["mean_retention"] if c else None,
+                                "joint": j["mean_retention"] if j else None,
+                                "kl": (f.get("drift") or {}).get("kl")})
+    return out
 
 
 def _drop_none(d: dict) -> dict:

@@ -23,7 +23,7 @@ def main(params: Path = typer.Option(Path("params.yaml"), help="The params file 
     from pipeline.report import write_report
 
     p = resolve(load_params(params), str(params))
-    settings, evals, infos = {}, {}, {}
+    settings, evals, infos, controls = {}, {}, {}, {}
     for name, f in p.fusions.items():
         settings[name] = {"adapters": f.adapters, **f.spec.to_json()}
         for kind, store in (("eval", evals), ("fusion", infos)):
@@ -31,7 +31,14 @@ def main(params: Path = typer.Option(Path("params.yaml"), help="The params file 
             if not path.is_file():
                 raise FusionError(f"{path}: missing (run the fuse and evaluate stages first)")
             store[name] = json.loads(path.read_text())
-    written = write_report(out, settings, json.loads(baselines.read_text()), evals, infos)
+        control = fusions / name / "control.json"  # the random control (the control stage)
+        if control.is_file():
+            controls[name] = json.loads(control.read_text())
+    joint = p.raw.get("joint")
+    if joint is not None and joint not in p.adapters:
+        raise FusionError(f"{params}: joint: {joint!r} is not a declared adapter")
+    written = write_report(out, settings, json.loads(baselines.read_text()), evals, infos,
+                           controls=controls, joint=joint)
     print(f"report for {len(settings)} fusion(s): {written.get('markdown', out / 'report.md')}")
 
 

@@ -1,0 +1,180 @@
+"""The report's evidence: the league table, and how well each data-free signal predicts retention.
+
+Both take the structure ``gather.collect`` returns.
+
+- :func:`league`: per set of source adapters, one row per method (in the registry's order, then any
+  other name), the method's best fusion chosen on the **validation** split (highest mean retention
+  there; on the test split when no validation scores exist, which the row says), with its test
+  retention per task, its random control, the joint-training baseline and its drift.
+- :func:`signal_points` and :func:`predictive_power`: every evaluated fusion (and its random
+  control, a fusion too) is a point ``(signal value, measured mean retention)``; per signal, the
+  Spearman rank correlation over the points that have it, and the number of points. The best signal
+  (largest correlation, at least ``MIN_POINTS`` points) is fitted by least squares
+  (``retention ~ a + b * signal``) so that a fusion not yet evaluated gets a predicted retention
+  (:func:`predict`, used by ``fusion validate``).
+"""
+
+from __future__ import annotations
+
+import math
+
+from pipeline.methods.registry import METHODS
+
+MIN_POINTS = 4
+
+# name -> (description, how to read it from a fusion's signals summary and geometry summary)
+SIGNALS = {
+    "min_kept": "least share of a source's delta the fusion keeps, <dW_i, dW_F> / |dW_i|^2",
+    "min_alignment": "least Iso-C alignment of a source with the fusion's top subspace",
+    "energy_kept": "share of the fused delta's energy kept by re-factoring",
+    "mean_overlap": "mean subspace overlap of the sources (column and row spaces)",
+    "interference": "TSV-Merge singular task interference of the sources",
+    "mean_cosine": "mean cosine between the sources' deltas",
+    "sign_conflict": "mean sign-conflict rate between the sources",
+}
+
+
+def _pooled(stats: list[dict]) -> float | None:
+    n = sum(s.get("modules") or 0 for s in stats)
+    return sum(s["mean"] * s["modules"] for s in stats if s.get("modules")) / n if n else None
+
+
+def signal_values(signals: dict | None, geometry: dict | None) -> dict[str, float | None]:
+    """The value of each signal in ``SIGNALS`` for one fusion (None where it has none)."""
+    s, g = signals or {}, geometry or {}
+    pairs = g.get("pairs") or []
+    return {
+        "min_kept": s.get("min_kept"), "min_alignment": s.get("min_alignment"),
+        "energy_kept": s.get("energy_kept"), "mean_overlap": s.get("mean_overlap"),
+        "interference": s.get("interference"),
+        "mean_cosine": _pooled([p["cosine"] for p in pairs]) if pairs else None,
+        "sign_conflict": _pooled([p["sign_conflict"] for p in pairs]) if pairs else None,
+    }
+
+
+def signal_points(data: dict) -> list[dict]:
+    """``[{"fusion", "kind" ("fusion" | "random control"), "retention", "signals": {...}}]``."""
+    points = []
+    for name, f in data["fusions"].items():
+        if f["signals"]:
+            points.append({"fusion": name, "kind": "fusion", "retention": f["retention"]["mean_retention"],
+                           "signals": signal_values(f["signals"], f["geometry"])})
+        c = f.get("control")
+        if c and c.get("signals"):
+            points.append({"fusion": name, "kind": "random control",
+                           "retention": c["retention"]["mean_retention"],
+                           "signals": signal_values(c["signals"], None)})
+    return points
+
+
+def ranks(values: list[float]) -> list[float]:
+    """Ranks from 1, ties sharing their mean rank."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    out = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            out[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return out
+
+
+def _pearson(x: list[float], y: list[float]) -> float | None:
+    n = len(x)
+    mx, my = sum(x) / n, sum(y) / n
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    sxx = sum((a - mx) ** 2 for a in x)
+    syy = sum((b - my) ** 2 for b in y)
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else None
+
+
+def spearman(x: list[float], y: list[float]) -> float | None:
+    """Spearman's rank correlation (Pearson's on the ranks); None when either side is constant."""
+    return _pearson(ranks(x), ranks(y)) if len(x) >= 2 else None
+
+
+def predictive_power(points: list[dict]) -> dict:
+    """``{"signals": {name: {"spearman", "n", "description"}}, "best", "fit", "points": n}``."""
+    out = {}
+    for name, description in SIGNALS.items():
+        pairs = [(p["signals"][name], p["retention"]) for p in points
+                 if p["signals"].get(name) is not None and p["retention"] is not None]
+        rho = spearman([a for a, _ in pairs], [b for _, b in pairs]) if len(pairs) >= 2 else None
+        out[name] = {"spearman": rho, "n": len(pairs), "description": description}
+    usable = [(n, s) for n, s in out.items() if s["spearman"] is not None and s["n"] >= MIN_POINTS]
+    best = max(usable, key=lambda x: (x[1]["spearman"], x[1]["n"]), default=(None, None))[0]
+    fit = None
+    if best is not None:
+        pairs = [(p["signals"][best], p["retention"]) for p in points
+                 if p["signals"].get(best) is not None and p["retention"] is not None]
+        xs, ys = [a for a, _ in pairs], [b for _, b in pairs]
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+        sxx = sum((a - mx) ** 2 for a in xs)
+        slope = sum((a - mx) * (b - my) for a, b in pairs) / sxx if sxx > 0 else 0.0
+        fit = {"signal": best, "intercept": my - slope * mx, "slope": slope, "n": len(pairs)}
+    return {"signals": out, "best": best, "fit": fit, "points": len(points)}
+
+
+def predict(fit: dict | None, signals: dict | None, geometry: dict | None = None) -> float | None:
+    """The retention the fitted best signal predicts for a fusion's signals (None without a fit)."""
+    if not fit:
+        return None
+    x = signal_values(signals, geometry).get(fit["signal"])
+    return None if x is None else fit["intercept"] + fit["slope"] * x
+
+
+def _method_order(names) -> list[str]:
+    known = [m for m in METHODS if m in names]
+    return known + sorted(n for n in names if n not in METHODS)
+
+
+def league(data: dict) -> list[dict]:
+    """Per set of sources (in first-seen order): ``{"adapters", "tasks", "rows", "joint",
+    "routing_drift"}``; a row is ``{"method", "fusion", "candidates", "chosen_on", "valid_mean",
+    "tasks": {task: retention}, "mean", "worst", "control_mean", "kl"}``."""
+    groups: dict[tuple, list[str]] = {}
+    for name, f in data["fusions"].items():
+        groups.setdefault(tuple(f["adapters"]), []).append(name)
+    out = []
+    for adapters, names in groups.items():
+        by_method: dict[str, list[str]] = {}
+        for n in names:
+            by_method.setdefault(str(data["fusions"][n]["settings"].get("method")), []).append(n)
+        rows = []
+        for method in _method_order(by_method):
+            cands = by_method[method]
+            valid = {n: data["fusions"][n]["valid_retention"] for n in cands}
+            on_valid = all(v is not None and v["mean_retention"] is not None for v in valid.values())
+            if on_valid:
+                best = max(cands, key=lambda n: valid[n]["mean_retention"])
+            else:
+                best = max(cands, key=lambda n: _or(data["fusions"][n]["retention"]["mean_retention"]))
+            f = data["fusions"][best]
+            r = f["retention"]
+            c = f.get("control")
+            rows.append({
+                "method": method, "fusion": best, "candidates": len(cands),
+                "chosen_on": "valid" if on_valid else ("test" if len(cands) > 1 else "only one"),
+                "valid_mean": valid[best]["mean_retention"] if valid[best] else None,
+                "tasks": {t: x["retention"] for t, x in r["tasks"].items()},
+                "mean": r["mean_retention"], "worst": r["worst_retention"],
+                "control_mean": c["retention"]["mean_retention"] if c else None,
+                "kl": (f.get("drift") or {}).get("kl"),
+            })
+        tasks = list(data["fusions"][names[0]]["retention"]["tasks"])
+        joint = data["fusions"][names[0]].get("joint_retention")
+        out.append({"adapters": list(adapters), "tasks": tasks, "rows": rows,
+                    "joint": None if joint is None else {
+                        "name": data["joint"]["name"], "mean": joint["mean_retention"],
+                        "worst": joint["worst_retention"],
+                        "tasks": {t: x["retention"] for t, x in joint["tasks"].items()},
+                        "kl": (data["joint"].get("drift") or {}).get("kl")},
+                    "source_kl": {a: (data["adapter_drift"].get(a) or {}).get("kl") for a in adapters}})
+    return out
+
+
+def _or(x, default=-math.inf):
+    return default if x is None else x

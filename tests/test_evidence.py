@@ -1,0 +1,156 @@
+"""Off-task drift on a tiny real model, random controls of real adapters, rank correlation, league."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pipeline  # noqa: F401  (fast BLAS before mlx)
+import mlx.core as mx
+import mlx_lm
+import numpy as np
+import pytest
+
+from pipeline import geometry
+from pipeline.control import control_rng, random_factors, write_random_adapter
+from pipeline.demo.tinymodel import write_tiny_llama
+from pipeline.drift import base_answers, drift, offtask_prompts
+from pipeline.formats import read_adapter
+from pipeline.report.evidence import league, predict, predictive_power, ranks, spearman
+
+from conftest import make_mlx_adapter, module_shapes
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return write_tiny_llama(tmp_path_factory.mktemp("base") / "model", seed=3, hidden=32, layers=2,
+                            heads=2, ff=64)
+
+
+def write_adapter(path, scale, seed=0, hidden=32, layers=2, rank=4):
+    path.mkdir(parents=True)
+    key = mx.random.key(seed)
+    weights = {}
+    for i in range(layers):
+        ka, kb, key = mx.random.split(key, 3)
+        weights[f"model.layers.{i}.self_attn.q_proj.lora_a"] = mx.random.normal((hidden, rank), key=ka)
+        weights[f"model.layers.{i}.self_attn.q_proj.lora_b"] = mx.random.normal((rank, hidden), key=kb)
+    mx.save_safetensors(str(path / "adapters.safetensors"), weights)
+    (path / "adapter_config.json").write_text(json.dumps({
+        "fine_tune_type": "lora", "num_layers": layers,
+        "lora_parameters": {"rank": rank, "scale": scale, "dropout": 0.0, "keys": ["self_attn.q_proj"]}}))
+    return path
+
+
+def test_offtask_prompts_are_seeded_and_distinct():
+    a, b = offtask_prompts(20, 0), offtask_prompts(20, 0)
+    assert a == b and len(set(a)) == 20
+    assert offtask_prompts(20, 1) != a
+
+
+def test_drift_is_zero_for_the_base_and_grows_with_the_adapter(tmp_path, model_dir):
+    rows = base_answers(model_dir, offtask_prompts(6, 0), max_tokens=4, batch_size=3)
+    path = tmp_path / "offtask.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = drift(model_dir, None, path, batch_size=4)
+    assert base["kl"] == 0.0 and base["agreement"] == 1.0 and base["n"] == 6
+    small = drift(model_dir, write_adapter(tmp_path / "small", 0.05), path, batch_size=4)
+    large = drift(model_dir, write_adapter(tmp_path / "large", 2.0), path, batch_size=4)
+    assert 0 < small["kl"] < large["kl"]
+    assert large["loss"] > base["loss"] and large["tokens"] == base["tokens"]
+
+    # by hand on one example: KL(p_base || p_model) over the answer tokens, EOS included
+    model, tok = mlx_lm.load(str(model_dir))
+    adapted, _ = mlx_lm.load(str(model_dir), adapter_path=str(tmp_path / "large"))
+    total = count = 0.0
+    for r in rows:
+        prompt = tok.apply_chat_template([{"role": "user", "content": r["prompt"]}],
+                                         add_generation_prompt=True, return_dict=False)
+        tokens = tok.apply_chat_template([{"role": "user", "content": r["prompt"]},
+                                          {"role": "assistant", "content": r["completion"]}],
+                                         return_dict=False)
+        x = mx.array(tokens)[None]
+        lp = model(x)[0]
+        lq = adapted(x)[0]
+        lp = lp - mx.logsumexp(lp, axis=-1, keepdims=True)
+        lq = lq - mx.logsumexp(lq, axis=-1, keepdims=True)
+        end = tokens.index(tok.eos_token_id, len(prompt)) + 1
+        for t in range(len(prompt), end):
+            p = mx.exp(lp[t - 1])
+            total += (p * (lp[t - 1] - lq[t - 1])).sum().item()
+            count += 1
+    assert large["kl"] == pytest.approx(total / count, rel=1e-4)
+
+
+def test_random_adapter_keeps_ranks_and_norms(tmp_path):
+    src, factors = make_mlx_adapter(tmp_path / "src", rank=4, scale=2.0, seed=5)
+    out = write_random_adapter(src, tmp_path / "rand", control_rng(0, "src"))
+    again = random_factors(src, control_rng(0, "src"))
+    rand = read_adapter(out)
+    assert set(rand.modules) == set(factors)
+    for name, (a, b) in factors.items():
+        ra, rb, s = rand.factors(name)
+        assert ra.shape == a.shape and rb.shape == b.shape and s == 1.0
+        assert geometry.lowrank_norm((ra, rb)) == pytest.approx(2.0 * geometry.lowrank_norm((a, b)), rel=1e-5)
+        # random directions: nearly orthogonal to the source's
+        cos = geometry.lowrank_inner((ra, rb), (a, b)) / (geometry.lowrank_norm((ra, rb)) * geometry.lowrank_norm((a, b)))
+        assert abs(cos) < 0.5
+        np.testing.assert_array_equal(again[name][0], ra)
+    other = random_factors(src, control_rng(1, "src"))
+    assert not np.array_equal(other[sorted(factors)[0]][0], rand.factors(sorted(factors)[0])[0])
+
+
+def test_spearman_with_ties_and_direction():
+    assert ranks([3.0, 1.0, 3.0, 2.0]) == [3.5, 1.0, 3.5, 2.0]
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 45]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 1, 1], [1, 2, 3]) is None
+    # against the textbook formula without ties
+    x, y = [0.1, 0.5, 0.3, 0.9, 0.7], [1.0, 3.0, 2.0, 4.0, 6.0]
+    d = [a - b for a, b in zip(ranks(x), ranks(y))]
+    assert spearman(x, y) == pytest.approx(1 - 6 * sum(v * v for v in d) / (5 * (25 - 1)))
+
+
+def test_predictive_power_picks_the_signal_that_ranks_retention():
+    points = [{"fusion": f"f{i}", "kind": "fusion", "retention": r,
+               "signals": {"min_kept": k, "interference": (i * 7) % 5 / 10}}
+              for i, (k, r) in enumerate([(0.1, 0.2), (0.5, 0.6), (0.9, 0.95), (0.3, 0.4), (0.7, 0.8)])]
+    power = predictive_power(points)
+    assert power["best"] == "min_kept" and power["signals"]["min_kept"]["n"] == 5
+    assert power["signals"]["min_kept"]["spearman"] == pytest.approx(1.0)
+    assert power["signals"]["min_alignment"]["n"] == 0
+    fit = power["fit"]
+    assert predict(fit, {"min_kept": 0.5}) == pytest.approx(fit["intercept"] + 0.5 * fit["slope"])
+    assert 0.55 < predict(fit, {"min_kept": 0.5}) < 0.65
+
+
+def _task(ret):
+    return {"retention": ret}
+
+
+def _fusion(adapters, method, test, valid, control=None, kl=0.01):
+    def r(x):
+        return None if x is None else {"tasks": {"a": _task(x), "b": _task(x)}, "mean_retention": x,
+                                       "worst_retention": x}
+    return {"adapters": adapters, "settings": {"method": method}, "retention": r(test),
+            "valid_retention": r(valid), "control": None if control is None else {"retention": r(control)},
+            "drift": {"kl": kl}, "joint_retention": r(0.8)}
+
+
+def test_league_chooses_on_validation_not_on_test():
+    data = {"fusions": {
+        "lin_a": _fusion(["x", "y"], "linear", test=0.9, valid=0.5, control=0.1),
+        "lin_b": _fusion(["x", "y"], "linear", test=0.7, valid=0.6, control=0.2),
+        "ties": _fusion(["x", "y"], "ties", test=0.8, valid=0.4),
+        "other": _fusion(["x", "y", "z"], "linear", test=0.5, valid=None)},
+        "joint": {"name": "j", "drift": {"kl": 0.02}}, "adapter_drift": {"x": {"kl": 0.01}}}
+    groups = league(data)
+    assert [g["adapters"] for g in groups] == [["x", "y"], ["x", "y", "z"]]
+    rows = {r["method"]: r for r in groups[0]["rows"]}
+    assert list(rows) == ["linear", "ties"]  # the registry's order
+    assert rows["linear"]["fusion"] == "lin_b" and rows["linear"]["chosen_on"] == "valid"
+    assert rows["linear"]["mean"] == 0.7 and rows["linear"]["control_mean"] == 0.2
+    assert rows["ties"]["chosen_on"] == "valid" and rows["ties"]["candidates"] == 1
+    assert groups[1]["rows"][0]["chosen_on"] == "only one"
+    assert groups[0]["joint"]["mean"] == 0.8 and groups[0]["joint"]["kl"] == 0.02
+    assert math.isclose(groups[0]["source_kl"]["x"], 0.01)
