@@ -154,3 +154,31 @@ def test_league_chooses_on_validation_not_on_test():
     assert groups[1]["rows"][0]["chosen_on"] == "only one"
     assert groups[0]["joint"]["mean"] == 0.8 and groups[0]["joint"]["kl"] == 0.02
     assert math.isclose(groups[0]["source_kl"]["x"], 0.01)
+
+
+def test_fusion_validate_predicts_from_a_reports_signals(tmp_path):
+    """`fusion validate` with a report's signals.json: the fitted best signal's prediction for this
+    fusion (computed in memory, nothing written), and the warnings of a fusion that cancels."""
+    from conftest import run_cli
+    from pipeline.fuse import FusionSpec, fuse
+    from pipeline.safetensors_io import write_file
+
+    a, factors = make_mlx_adapter(tmp_path / "a", rank=4, seed=1)
+    b, _ = make_mlx_adapter(tmp_path / "b", rank=4, seed=1)
+    write_file(b / "adapters.safetensors",
+               {k: v for name, (fa, fb) in factors.items()
+                for k, v in ((f"{name}.lora_a", fa.T.copy()), (f"{name}.lora_b", (-fb).T.copy()))},
+               {"format": "mlx"})
+    fit = {"signal": "min_kept", "intercept": 0.2, "slope": 0.6, "n": 9}
+    power = tmp_path / "signals.json"
+    power.write_text(json.dumps({"fit": fit, "signals": {"min_kept": {"spearman": 0.8, "n": 9}}}))
+    r = run_cli("validate", a, b, "--weights", "1,0.5", "--signals", power)
+    assert r.returncode == 0, r.stderr
+    record = fuse([a, b], tmp_path / "check", FusionSpec(method="linear", weights=[1.0, 0.5]))
+    want = predict(fit, record["signals"])
+    assert f"predicted mean retention {want:.3f}" in r.stdout
+    assert "opposite signs" in r.stdout and "Spearman 0.80 over 9 fusions" in r.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "check", "signals.json"]
+    # without a signals file: validation only
+    r = run_cli("validate", a, b, "--signals", tmp_path / "none.json")
+    assert r.returncode == 0 and "predicted" not in r.stdout
