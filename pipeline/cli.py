@@ -458,5 +458,37 @@ def studio(
     serve(".", host, port, examples, on_ready=lambda line: print(line, flush=True))
 
 
+@app.command()
+def signals(files: List[Path] = typer.Argument(..., help="signals.json files of reports (e.g. both demos').",
+                                               show_default=False)):
+    """How well each data-free signal predicts measured retention, pooled over several reports.
+
+    Every fusion and random control in FILES is one point; prints the Spearman rank correlation of
+    each signal with mean retention and the number of points that have it.
+    """
+    import json
+
+    from rich.table import Table
+
+    from pipeline.report.evidence import predictive_power
+
+    points = []
+    for f in files:
+        try:
+            points += json.loads(f.read_text())["points"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise FusionError(f"{f}: not a report's signals.json ({e})") from None
+    power = predictive_power(points)
+    table = Table(title=f"{len(points)} fusions and random controls from {len(files)} report(s)")
+    for col in ("signal", "Spearman", "n", "what it is"):
+        table.add_column(col)
+    for name, s in power["signals"].items():
+        table.add_row(name, "–" if s["spearman"] is None else f"{s['spearman']:.3f}", str(s["n"]),
+                      s["description"])
+    out.print(table)
+    if power["best"]:
+        out.print(f"best: {power['best']}", highlight=False)
+
+
 if __name__ == "__main__":
     main()

@@ -83,15 +83,18 @@ def test_changing_one_adapter_recomputes_only_the_fusions_that_use_it(repo):
     tensors = load_file(path)
     save_file({k: v * 0.5 if k.endswith("lora_b") else v for k, v in tensors.items()}, path)
     r = sh("dvc", "repro", cwd=repo)
-    # the baselines score every adapter, so they re-run too; `average` and `up70` do not use `sh`
-    assert ran_stages(r.stdout) == {"validate", "baselines", "fuse@all3", "evaluate@all3", "report"}
+    # the baselines score every adapter, so they re-run too (and the off-task set, whose plan names
+    # every adapter, is answered again, to the same bytes); `average` and `up70` do not use `sh`
+    assert ran_stages(r.stdout) == {"validate", "offtask", "baselines", "fuse@all3", "evaluate@all3",
+                                    "control@all3", "report"}
     sh("git", "add", "-A", cwd=repo)
     sh("git", "commit", "-qm", "sh adapter changed", cwd=repo)
 
 
 def test_exp_run_default_weights_refuses_only_the_inheriting_fusion(repo):
     r = sh("dvc", "exp", "run", "-S", "weights=[0.7,0.3]", cwd=repo)
-    assert ran_stages(r.stdout) == {"validate", "fuse@average", "evaluate@average", "report", "search"}
+    assert ran_stages(r.stdout) == {"validate", "fuse@average", "evaluate@average", "control@average",
+                                    "report", "search"}
     # `average` at [0.7, 0.3] is `up70`: the same fused bytes, the same scores
     m = json.loads((repo / "reports" / "metrics.json").read_text())["fusions"]
     assert m["average"]["mean_retention"] == pytest.approx(m["up70"]["mean_retention"])

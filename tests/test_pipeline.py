@@ -22,8 +22,8 @@ def fusions_of(root):
 def test_repro_builds_everything(project):
     root, out = project
     names = fusions_of(root)
-    assert ran_stages(out) >= {"demo", "validate", "baselines", "report"} | {f"fuse@{n}" for n in names} | {
-        f"evaluate@{n}" for n in names}
+    assert ran_stages(out) >= {"demo", "validate", "offtask", "baselines", "report"} | {
+        f"{stage}@{n}" for n in names for stage in ("fuse", "evaluate", "control")}
     for n in names:
         assert (root / "fused" / n / "adapters.safetensors").is_file()
         assert json.loads((root / "reports" / "fusions" / n / "fusion.json").read_text())["inputs"]
@@ -35,6 +35,20 @@ def test_repro_builds_everything(project):
     for task in ("up", "inc", "sh"):
         assert task in report
     assert (root / "dvc.lock").is_file()
+    # the evidence: league table first, baselines, drift, signals with their predictive power
+    assert report.index("## League table") < report.index("## Fusions")
+    for section in ("## Off-task drift", "## Quality signals that need no data", "joint training",
+                    "How well each signal predicts retention"):
+        assert section in report
+    for n in names:
+        f = metrics["fusions"][n]
+        assert "mean_retention" in f["random_control"] and f["drift"]["kl"] >= 0
+        assert "joint_mean_retention" in f and "valid_mean_retention" in f
+    assert metrics["drift"]["base"]["kl"] == 0.0 and "joint" in metrics["drift"]
+    points = json.loads((root / "reports" / "signals.json").read_text())["points"]
+    assert len(points) == 2 * len(names)  # every fusion and its random control
+    headline = json.loads((root / "reports" / "headline.json").read_text())
+    assert set(headline["all3"]) == {"mean", "worst", "random", "joint", "kl"}
 
 
 def test_fused_adapter_loads_with_mlx_lm(project):
@@ -58,7 +72,7 @@ def test_editing_one_fusion_reruns_only_that_fusion(project):
     params["fusions"]["up70"]["weights"] = [0.6, 0.4]
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     r = sh("dvc", "repro", cwd=root)
-    assert ran_stages(r.stdout) == {"validate", "fuse@up70", "evaluate@up70", "report"}
+    assert ran_stages(r.stdout) == {"validate", "fuse@up70", "evaluate@up70", "control@up70", "report"}
 
 
 def test_default_weights_rerun_only_inheriting_fusions(project):
