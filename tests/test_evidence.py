@@ -182,3 +182,19 @@ def test_fusion_validate_predicts_from_a_reports_signals(tmp_path):
     # without a signals file: validation only
     r = run_cli("validate", a, b, "--signals", tmp_path / "none.json")
     assert r.returncode == 0 and "predicted" not in r.stdout
+
+
+def test_fusion_signals_pools_reports(tmp_path):
+    from conftest import run_cli
+
+    pts = [{"fusion": f"f{i}", "kind": "fusion", "retention": r, "signals": {"min_kept": k}}
+           for i, (k, r) in enumerate([(0.1, 0.3), (0.4, 0.2), (0.8, 0.9), (0.6, 0.7), (0.2, 0.1)])]
+    (tmp_path / "a.json").write_text(json.dumps({"points": pts[:3]}))
+    (tmp_path / "b.json").write_text(json.dumps({"points": pts[3:]}))
+    r = run_cli("signals", tmp_path / "a.json", tmp_path / "b.json")
+    assert r.returncode == 0, r.stderr
+    rho = predictive_power(pts)["signals"]["min_kept"]["spearman"]
+    assert f"{rho:.3f}" in r.stdout and "5 fusions and random controls from 2 report(s)" in r.stdout
+    (tmp_path / "bad.json").write_text("{}")
+    r = run_cli("signals", tmp_path / "bad.json")
+    assert r.returncode == 2 and r.stderr.startswith("error:")
