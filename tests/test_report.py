@@ -193,3 +193,68 @@ def test_html_renders(report, tmp_path):
     pixels = np.asarray(matplotlib.image.imread(shot))
     assert pixels.shape[:2] == (2000, 1200)
     assert pixels[..., :3].std() > 0.05  # not blank
+
+
+def evidence_inputs():
+    """inputs() plus what the evidence needs: validation scores, drift, random controls, the joint
+    adapter and the fuse step's signals."""
+    x = inputs()
+    b = x["baselines"]
+    b["base"]["drift"] = {"kl": 0.0, "loss": 1.0, "agreement": 1.0, "n": 8, "tokens": 30}
+    for name, kl in (("up_adapter", 0.02), ("inc_adapter", 0.03)):
+        b["adapters"][name]["drift"] = {"kl": kl, "loss": 1.1, "agreement": 0.9, "n": 8, "tokens": 30}
+        b["adapters"][name]["valid"] = {"up": m(1.0, 0.05), "inc": m(0.0, 2.0)} if name == "up_adapter" \
+            else {"up": m(0.0, 2.0), "inc": m(1.0, 0.05)}
+    b["adapters"]["joint"] = {"up": m(0.8, 0.2), "inc": m(0.45, 0.3), "prose": m(None, 2.5),
+                              "drift": {"kl": 0.05, "loss": 1.3, "agreement": 0.8, "n": 8, "tokens": 30}}
+    x["params"]["linear_half"] = {"adapters": ["up_adapter", "inc_adapter"], "method": "linear",
+                                  "weights": [0.5, 0.5], "seed": 0}
+    x["evals"]["linear_half"] = {"up": m(0.95, 0.1), "inc": m(0.6, 0.2)}
+    x["infos"]["linear_half"] = dict(x["infos"]["same"], method="linear")
+    # valid: linear_half is better on validation, although `same` is better on test
+    for name, acc in (("same", 0.5), ("ties_half", 0.4), ("linear_half", 0.9)):
+        x["evals"][name]["valid"] = {"up": m(acc, 0.5), "inc": m(acc, 0.5)}
+        x["evals"][name]["drift"] = {"kl": 0.04, "loss": 1.2, "agreement": 0.85, "n": 8, "tokens": 30}
+    for i, name in enumerate(x["params"]):
+        x["infos"][name]["signals"] = {
+            "adapters": [{"name": "up_adapter", "kept": 0.3 + 0.3 * i, "alignment": 0.9},
+                         {"name": "inc_adapter", "kept": 0.9, "alignment": 0.8}],
+            "min_kept": 0.3 + 0.3 * i, "min_alignment": 0.8, "energy_kept": 1.0, "mean_overlap": 0.1,
+            "interference": 0.2, "warnings": ["the fusion keeps 0.10 of adapter 'x'"] if i == 0 else []}
+    controls = {name: {"seed": 0, "adapters": ["up_adapter", "inc_adapter"],
+                       "scores": {"up": m(0.0, 3.0), "inc": m(0.1, 2.8)},
+                       "drift": {"kl": 0.2, "loss": 2.0, "agreement": 0.5, "n": 8, "tokens": 30},
+                       "signals": {"min_kept": 0.01, "min_alignment": 0.3, "mean_overlap": 0.0}}
+                for name in x["params"]}
+    return dict(x, controls=controls, joint="joint")
+
+
+def test_evidence_sections(tmp_path):
+    write_report(tmp_path, **evidence_inputs())
+    md = (tmp_path / "report.md").read_text()
+    assert md.index("## League table") < md.index("## Fusions") < md.index("## Off-task drift")
+    league = md[md.index("## League table"):md.index("## Fusions")]
+    # the linear row is the setting best on validation (linear_half), not the best on test (same)
+    row = next(line for line in league.splitlines() if line.startswith("| **linear**"))
+    assert "linear_half" in row and "valid (2)" in row
+    assert "| **ties** | ties_half | valid (1)" in league
+    assert "**joint training**" in league and "**routing**" in league
+    assert "random control of same" in md and "## Quality signals that need no data" in md
+    assert "keeps 0.10 of adapter" in md
+    headline = json.loads((tmp_path / "headline.json").read_text())
+    assert headline["same"]["random"] == pytest.approx(0.0 / 1.0 * 0.5 + 0.1 / 0.9 * 0.5)
+    assert headline["same"]["joint"] == pytest.approx((0.8 + 0.5) / 2)
+    assert headline["linear_half"]["kl"] == 0.04
+    power = json.loads((tmp_path / "signals.json").read_text())
+    assert power["signals"]["min_kept"]["n"] == 6  # three fusions and their controls
+    assert power["best"] in power["signals"]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["drift"]["joint"]["kl"] == 0.05
+    assert metrics["fusions"]["same"]["valid_mean_retention"] == pytest.approx(0.5)
+
+
+def test_joint_must_be_declared(tmp_path):
+    x = evidence_inputs()
+    x["joint"] = "nope"
+    with pytest.raises(FusionError, match="joint-training adapter 'nope'"):
+        write_report(tmp_path, **x)
