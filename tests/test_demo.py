@@ -44,7 +44,7 @@ def test_build_writes_every_output_and_nothing_else(demo):
             assert (root / "data" / task / f"{split}.jsonl").is_file()
     json.dumps(summary)  # the caller can dump it
     assert summary["config"]["tasks"] == list(SMALL.tasks)
-    assert set(summary["adapters"]) == set(SMALL.tasks)
+    assert set(summary["adapters"]) == {*SMALL.tasks, "joint"}
     assert summary["base"]["pretrain_loss"] < summary["base"]["pretrain_loss_start"]
     for task, info in summary["adapters"].items():
         assert info["val_loss"] < info["val_loss_start"], task
@@ -54,7 +54,7 @@ def test_build_writes_every_output_and_nothing_else(demo):
 def test_progress_reports_every_stage(demo):
     _, _, calls = demo
     stages = [c[0] for c in calls]
-    assert set(stages) == {"data", "pretrain", *(f"adapter {t}" for t in SMALL.tasks)}
+    assert set(stages) == {"data", "pretrain", *(f"adapter {t}" for t in (*SMALL.tasks, "joint"))}
     assert ("pretrain", SMALL.pretrain_steps, SMALL.pretrain_steps) in calls
     for t in SMALL.tasks:
         assert (f"adapter {t}", SMALL.adapter_iters, SMALL.adapter_iters) in calls
@@ -85,6 +85,22 @@ def test_each_adapter_loads_with_mlx_lm_and_changes_the_model(demo):
     key = "model.layers.0.self_attn.q_proj.lora_a"
     assert a[0][key].shape == (SMALL.hidden, 4)
     assert not np.array_equal(np.array(a[0][key]), np.array(a[1][key]))
+
+
+def test_joint_adapter_trains_on_the_union_with_the_same_budget(demo):
+    root, summary, _ = demo
+    for split in ("train", "valid"):
+        union = sorted(line for t in SMALL.tasks
+                       for line in (root / "data" / t / f"{split}.jsonl").read_text().splitlines())
+        joint = (root / "data" / "joint" / f"{split}.jsonl").read_text().splitlines()
+        assert sorted(joint) == union and joint != union  # the same examples, shuffled
+    assert not (root / "data" / "joint" / "test.jsonl").exists()  # no task of its own
+    conf = json.loads((root / "adapters" / "joint" / "adapter_config.json").read_text())
+    up = json.loads((root / "adapters" / "up" / "adapter_config.json").read_text())
+    assert {k: v for k, v in conf.items() if k != "seed"} == {k: v for k, v in up.items() if k != "seed"}
+    assert conf["seed"] not in {json.loads((root / "adapters" / t / "adapter_config.json").read_text())["seed"]
+                                for t in SMALL.tasks}
+    assert summary["adapters"]["joint"]["val_loss"] < summary["adapters"]["joint"]["val_loss_start"]
 
 
 def test_data_files_are_valid_jsonl_with_disjoint_splits(demo):
