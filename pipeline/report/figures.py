@@ -172,7 +172,7 @@ def geometry_figure(data: dict) -> bytes:
         _module_ticks(ax, modules)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7, loc="upper right", ncol=4, frameon=False)
+            ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     names = [n for n, _ in fusions]
     ax = axes[len(pairs)]
     for name, modules in fusions:
