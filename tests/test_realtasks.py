@@ -59,9 +59,29 @@ def test_the_real_projects_params_resolve_with_a_system_prompt_and_a_bad_one_is_
     raw = yaml.safe_load((ROOT / "real" / "params.yaml").read_text())
     p = resolve(raw, "real/params.yaml")
     assert p.eval["system_prompt"] == "You are a helpful assistant."
-    assert set(p.adapters) == set(raw["tasks"]["names"]) == set(raw["train"]["adapters"])
+    # one adapter per task, and the joint-training baseline trained on the union of the tasks
+    joint = raw["joint"]
+    assert joint == raw["tasks"]["joint"] and p.adapters[joint].data is None
+    assert set(p.adapters) == {*raw["tasks"]["names"], joint} == set(raw["train"]["adapters"])
     assert {f.spec.method for f in p.fusions.values()} >= {
         "linear", "concat", "slerp", "ties", "dare_linear", "dare_ties", "magnitude_prune"}
     raw["eval"]["system_prompt"] = 3
     with pytest.raises(FusionError, match="eval.system_prompt must be a string"):
         resolve(raw, "real/params.yaml")
+
+
+def test_the_joint_data_is_the_union_of_the_tasks(tmp_path):
+    sizes = {"train": 12, "valid": 4, "test": 4}
+    for name in ("reverse", "upper"):
+        tasks.write_task(tmp_path / name, name, sizes, 0)
+    got = tasks.write_union(tmp_path / "joint", [tmp_path / "reverse", tmp_path / "upper"], 0)
+    assert got == {"train": 24, "valid": 8}
+    for split in ("train", "valid"):
+        union = sorted(line for n in ("reverse", "upper")
+                       for line in (tmp_path / n / f"{split}.jsonl").read_text().splitlines())
+        lines = (tmp_path / "joint" / f"{split}.jsonl").read_text().splitlines()
+        assert sorted(lines) == union and lines != union
+    assert not (tmp_path / "joint" / "test.jsonl").exists()
+    again = tasks.write_union(tmp_path / "again", [tmp_path / "reverse", tmp_path / "upper"], 0)
+    assert again == got and (tmp_path / "again" / "train.jsonl").read_bytes() == (
+        tmp_path / "joint" / "train.jsonl").read_bytes()
