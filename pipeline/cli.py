@@ -463,8 +463,8 @@ def signals(files: List[Path] = typer.Argument(..., help="signals.json files of 
                                                show_default=False)):
     """How well each data-free signal predicts measured retention, pooled over several reports.
 
-    Every fusion and random control in FILES is one point; prints the Spearman rank correlation of
-    each signal with mean retention and the number of points that have it.
+    Every fusion in FILES is one point; prints the Spearman rank correlation of each signal with mean
+    retention and the number of fusions that have it, then the same with the random controls added.
     """
     import json
 
@@ -480,11 +480,15 @@ def signals(files: List[Path] = typer.Argument(..., help="signals.json files of 
             raise FusionError(f"{f}: not a report's signals.json ({e})") from None
     power = predictive_power(points)
     table = Table(title=f"{len(points)} fusions and random controls from {len(files)} report(s)")
-    for col in ("signal", "Spearman", "n", "what it is"):
+    for col in ("signal", "Spearman", "n", "with controls", "n", "what it is"):
         table.add_column(col)
+
+    def rho(x):
+        return "–" if x is None else f"{x:.3f}"
+
     for name, s in power["signals"].items():
-        table.add_row(name, "–" if s["spearman"] is None else f"{s['spearman']:.3f}", str(s["n"]),
-                      s["description"])
+        c = s["with_controls"]
+        table.add_row(name, rho(s["spearman"]), str(s["n"]), rho(c["spearman"]), str(c["n"]), s["description"])
     out.print(table)
     if power["best"]:
         out.print(f"best: {power['best']}", highlight=False)

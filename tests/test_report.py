@@ -246,8 +246,9 @@ def test_evidence_sections(tmp_path):
     assert headline["same"]["joint"] == pytest.approx((0.8 + 0.5) / 2)
     assert headline["linear_half"]["kl"] == 0.04
     power = json.loads((tmp_path / "signals.json").read_text())
-    assert power["signals"]["min_kept"]["n"] == 6  # three fusions and their controls
-    assert power["best"] in power["signals"]
+    assert power["signals"]["min_kept"]["n"] == 3  # three fusions
+    assert power["signals"]["min_kept"]["with_controls"]["n"] == 6  # and their controls
+    assert power["best"] is None and power["fit"] is None  # no fit on fewer than 4 fusions
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["drift"]["joint"]["kl"] == 0.05
     assert metrics["fusions"]["same"]["valid_mean_retention"] == pytest.approx(0.5)

@@ -132,15 +132,21 @@ def _signals(data: dict) -> list:
     if warn:
         blocks.append(("list", warn))
     power = data.get("power") or {}
-    prow = [[name, s["description"], fmt(s["spearman"], 3), str(s["n"])]
+    prow = [[name, s["description"], fmt(s["spearman"], 3), str(s["n"]),
+             fmt((s.get("with_controls") or {}).get("spearman"), 3), str((s.get("with_controls") or {}).get("n", MISSING))]
             for name, s in (power.get("signals") or {}).items()]
     if prow:
         fit = power.get("fit")
         blocks += [("h", 3, "How well each signal predicts retention"),
                    ("p", ["Spearman rank correlation of each signal with the measured mean retention, "
-                          "over every fusion here and its random control (n = the points that have the "
-                          "signal). Negative means a higher value predicts lower retention."]),
-                   ("table", ["signal", "what it is", "Spearman", "n"], prow)]
+                          "over the fusions here (n = the fusions that have the signal), and over the "
+                          "fusions and their random controls together (random sources are shaped like "
+                          "the learned ones, so a signal of geometry alone cannot tell them apart). "
+                          "Negative means a higher value predicts lower retention; ",
+                          ("code", "fusion signals reports/signals.json OTHER/reports/signals.json"),
+                          " pools several reports."]),
+                   ("table", ["signal", "what it is", "Spearman (fusions)", "n", "Spearman (with controls)",
+                              "n"], prow)]
         if fit:
             blocks.append(("p", ["Best: ", ("b", fit["signal"]), f" (rank correlation "
                                  f"{fmt(power['signals'][fit['signal']]['spearman'], 3)}, n = {fit['n']}). "

@@ -6,12 +6,13 @@ Both take the structure ``gather.collect`` returns.
   other name), the method's best fusion chosen on the **validation** split (highest mean retention
   there; on the test split when no validation scores exist, which the row says), with its test
   retention per task, its random control, the joint-training baseline and its drift.
-- :func:`signal_points` and :func:`predictive_power`: every evaluated fusion (and its random
-  control, a fusion too) is a point ``(signal value, measured mean retention)``; per signal, the
-  Spearman rank correlation over the points that have it, and the number of points. The best signal
-  (largest correlation, at least ``MIN_POINTS`` points) is fitted by least squares
-  (``retention ~ a + b * signal``) so that a fusion not yet evaluated gets a predicted retention
-  (:func:`predict`, used by ``fusion validate``).
+- :func:`signal_points` and :func:`predictive_power`: every evaluated fusion is a point
+  ``(signal value, measured mean retention)``; per signal, the Spearman rank correlation over the
+  fusions that have it, and their number; the same over the fusions and their random controls
+  together (``with_controls``: random sources can look like learned ones to a signal that sees
+  only geometry). The best signal (largest correlation over the fusions, at least ``MIN_POINTS``
+  of them) is fitted by least squares (``retention ~ a + b * signal``) so that a fusion not yet
+  evaluated gets a predicted retention (:func:`predict`, used by ``fusion validate``).
 """
 
 from __future__ import annotations
@@ -91,25 +92,33 @@ def _pearson(x: list[float], y: list[float]) -> float | None:
     return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else None
 
 
-def spearman(x: list[float], y: list[float]) -> float | None:
+def spearman(x, y) -> float | None:
     """Spearman's rank correlation (Pearson's on the ranks); None when either side is constant."""
+    x, y = list(x), list(y)
     return _pearson(ranks(x), ranks(y)) if len(x) >= 2 else None
 
 
+def _pairs(points: list[dict], name: str) -> list[tuple[float, float]]:
+    return [(p["signals"][name], p["retention"]) for p in points
+            if p["signals"].get(name) is not None and p["retention"] is not None]
+
+
 def predictive_power(points: list[dict]) -> dict:
-    """``{"signals": {name: {"spearman", "n", "description"}}, "best", "fit", "points": n}``."""
+    """``{"signals": {name: {"spearman", "n", "with_controls": {"spearman", "n"}, "description"}},
+    "best", "fit", "points": n}``; ``spearman`` and ``n`` over the points of kind ``"fusion"``."""
     out = {}
+    fusions = [p for p in points if p.get("kind", "fusion") == "fusion"]
     for name, description in SIGNALS.items():
-        pairs = [(p["signals"][name], p["retention"]) for p in points
-                 if p["signals"].get(name) is not None and p["retention"] is not None]
-        rho = spearman([a for a, _ in pairs], [b for _, b in pairs]) if len(pairs) >= 2 else None
-        out[name] = {"spearman": rho, "n": len(pairs), "description": description}
+        pairs, both = _pairs(fusions, name), _pairs(points, name)
+        out[name] = {"spearman": spearman(*zip(*pairs)) if len(pairs) >= 2 else None, "n": len(pairs),
+                     "with_controls": {"spearman": spearman(*zip(*both)) if len(both) >= 2 else None,
+                                       "n": len(both)},
+                     "description": description}
     usable = [(n, s) for n, s in out.items() if s["spearman"] is not None and s["n"] >= MIN_POINTS]
     best = max(usable, key=lambda x: (x[1]["spearman"], x[1]["n"]), default=(None, None))[0]
     fit = None
     if best is not None:
-        pairs = [(p["signals"][best], p["retention"]) for p in points
-                 if p["signals"].get(best) is not None and p["retention"] is not None]
+        pairs = _pairs(fusions, best)
         xs, ys = [a for a, _ in pairs], [b for _, b in pairs]
         mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
         sxx = sum((a - mx) ** 2 for a in xs)

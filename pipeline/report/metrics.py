@@ -43,7 +43,8 @@ def metrics(data: dict) -> dict:
         "adapters": {a: {t: scores(m) for t, m in ev.items()} for a, ev in data["adapters"].items()},
         "drift": _drop_none({"base": _drift(data.get("base_drift")),
                              **{a: _drift(d) for a, d in (data.get("adapter_drift") or {}).items()}}) or None,
-        "signals": _drop_none({name: _drop_none({"spearman": s["spearman"], "n": s["n"]})
+        "signals": _drop_none({name: _drop_none({"spearman": s["spearman"], "n": s["n"],
+                                                 "spearman_with_controls": s["with_controls"]["spearman"]})
                                for name, s in (power.get("signals") or {}).items()}) or None,
     })
 
