@@ -150,7 +150,7 @@ def test_league_chooses_on_validation_not_on_test():
     assert list(rows) == ["linear", "ties"]  # the registry's order
     assert rows["linear"]["fusion"] == "lin_b" and rows["linear"]["chosen_on"] == "valid"
     assert rows["linear"]["mean"] == 0.7 and rows["linear"]["control_mean"] == 0.2
-    assert rows["ties"]["chosen_on"] == "valid" and rows["ties"]["candidates"] == 1
+    assert rows["ties"]["chosen_on"] == "only one" and rows["ties"]["candidates"] == 1
     assert groups[1]["rows"][0]["chosen_on"] == "only one"
     assert groups[0]["joint"]["mean"] == 0.8 and groups[0]["joint"]["kl"] == 0.02
     assert math.isclose(groups[0]["source_kl"]["x"], 0.01)

@@ -166,7 +166,7 @@ def league(data: dict) -> list[dict]:
             c = f.get("control")
             rows.append({
                 "method": method, "fusion": best, "candidates": len(cands),
-                "chosen_on": "valid" if on_valid else ("test" if len(cands) > 1 else "only one"),
+                "chosen_on": "only one" if len(cands) == 1 else ("valid" if on_valid else "test"),
                 "valid_mean": valid[best]["mean_retention"] if valid[best] else None,
                 "tasks": {t: x["retention"] for t, x in r["tasks"].items()},
                 "mean": r["mean_retention"], "worst": r["worst_retention"],
