@@ -241,15 +241,16 @@ def validate(
     gamma: float = o_gamma,
     out_dir: Optional[Path] = typer.Option(None, "--out", help="The planned output directory (checked not to be an input)."),
     ignore_base: bool = o_ignore_base, base: Optional[Path] = o_base,
-    signals: Path = typer.Option(Path("reports/signals.json"), "--signals",
-                                 help="A report's signals.json: when it exists, predict this fusion's retention."),
+    signals: Optional[Path] = typer.Option(None, "--signals",
+                                           help="A report's signals.json (e.g. reports/signals.json): predict "
+                                                "this fusion's retention from it."),
 ):
     """Check that ADAPTERS can be fused (with these settings); print what was found.
 
     Exit 0 when they can; otherwise one line per problem and exit 2. Reads configs and headers, plus
-    one streaming pass for NaN/Inf. When --signals names a report's signals.json, the fusion is also
-    computed in memory (nothing is written) and the data-free signal that best predicted retention
-    there gives a predicted retention, with its warnings.
+    one streaming pass for NaN/Inf. With --signals naming a report's signals.json, the fusion is also
+    computed (in a temporary directory, nothing kept) and the data-free signal that best predicted
+    retention there gives a predicted retention, with the signals' warnings.
     """
     from pipeline.validate import validate as run
 
@@ -260,7 +261,7 @@ def validate(
     out.print(adapter_table(result.adapters, f"{len(adapters)} adapters can be fused with {spec.method}"))
     for note in result.notes:
         out.print(f"note: {escape(note)}", highlight=False)
-    if signals.is_file():
+    if signals is not None and signals.is_file():
         _predict(adapters, spec, signals, ignore_base)
     out.print("[green]ok[/]")
 
