@@ -152,7 +152,7 @@ def _signals(data: dict) -> list:
                                  f"{fmt(power['signals'][fit['signal']]['spearman'], 3)}, n = {fit['n']}). "
                                  f"Its least-squares fit, retention ≈ {fit['intercept']:.3f} "
                                  f"{'+' if fit['slope'] >= 0 else '-'} {abs(fit['slope']):.3f} × "
-                                 f"{fit['signal']}, is the prediction ", ("code", "fusion validate"),
+                                 f"{fit['signal']}, is the prediction ", ("code", "fusion validate --signals reports/signals.json"),
                                  " shows next to a fusion not evaluated yet (reports/signals.json)."]))
     return blocks
 
