@@ -51,9 +51,12 @@ class AdapterRef:
 
 @dataclass(frozen=True)
 class TaskSet:
-    """A task's evaluation set and its sha256 (both None when the adapter declares no data)."""
+    """A task's evaluation set and its sha256 (both None when the adapter declares no data), and the
+    sha256 of the validation split next to it (:func:`valid_set`; None when there is none), which the
+    report's choice of each method's best setting reads: both are inputs of the scoring stages."""
     data: str | None
     sha256: str | None
+    valid_sha256: str | None
 
 
 @dataclass(frozen=True)
@@ -176,6 +179,14 @@ def eval_set(data: Path | None, name: str) -> Path | None:
     raise FusionError(f"adapters.{name}.data: {data} has no test.jsonl or valid.jsonl")
 
 
+def valid_set(test: Path | None) -> Path | None:
+    """The validation split next to an evaluation set ``test``: the valid.jsonl beside a test.jsonl."""
+    if test is None or test.name != "test.jsonl":
+        return None
+    valid = test.parent / "valid.jsonl"
+    return valid if valid.is_file() else None
+
+
 def base_identity(base: str) -> dict:
     """What identifies the base model's bytes (``pipeline.basemodel.identity``): every file's sha256
     for a local directory, the resolved revision and its files for a hub id."""
@@ -218,7 +229,8 @@ def build(p, where: str = "params.yaml") -> Plans:
 
     def task_set(name: str) -> TaskSet:
         s = sets[name]
-        return TaskSet(str(s) if s else None, sha256_file(s) if s else None)
+        v = valid_set(s)
+        return TaskSet(str(s) if s else None, sha256_file(s) if s else None, sha256_file(v) if v else None)
 
     common = dict(base_model=p.base_model, base=base_identity(p.base_model),
                   eval=EvalSettings.of(p.eval, where), prompts=p.prompts)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -52,7 +54,7 @@ def test_plans_read_back_typed_and_write_the_same_bytes(validated):
     assert isinstance(fuse.spec, FusionSpec) and fuse.spec.method == "ties" and fuse.spec.density == 0.5
     ev = EvalPlan.read(out / "average.eval.json")
     assert ev.eval == EvalSettings(max_examples=100, max_tokens=4, batch_size=32)
-    assert ev.tasks["up"] == TaskSet("data/up/test.jsonl", ev.tasks["up"].sha256)
+    assert ev.tasks["up"] == TaskSet("data/up/test.jsonl", ev.tasks["up"].sha256, None)  # no valid.jsonl
     assert ev.base["path"] == "models/base" and ev.prompts == ["up hello"]
     assert {"config.json", "model.safetensors"} <= set(ev.base["files"])  # every file, by its sha256
     base = BaselinesPlan.read(out / "baselines.json")
@@ -60,6 +62,36 @@ def test_plans_read_back_typed_and_write_the_same_bytes(validated):
     for path, plan in ((out / "ties.fuse.json", fuse), (out / "average.eval.json", ev),
                        (out / "baselines.json", base)):
         assert json_text(plan.to_json()) == path.read_text()
+
+
+def test_the_validation_split_is_an_input_of_the_scoring_plans(validated):
+    """The report picks each method's best setting on valid.jsonl: a new or changed split changes the
+    plans (so DVC re-runs the scoring stages), and a split changed after validate is refused."""
+    from pipeline.stages.evaluate import valid_sets
+
+    def run_validate():
+        sh(sys.executable, "-m", "pipeline.stages.validate", "--params", "params.yaml", "--out", "validated",
+           cwd=validated)
+        return EvalPlan.read(validated / "validated" / "average.eval.json")
+
+    valid = validated / "data" / "up" / "valid.jsonl"
+    valid.write_text(json.dumps({"prompt": "up c", "completion": "C"}) + "\n")
+    first = run_validate()
+    assert first.tasks["up"].valid_sha256 and first.tasks["inc"].valid_sha256 is None
+    valid.write_text(json.dumps({"prompt": "up d", "completion": "D"}) + "\n")
+    second = run_validate()
+    assert second.tasks["up"].valid_sha256 != first.tasks["up"].valid_sha256
+    old = (validated / "validated" / "average.eval.json").read_text()
+    assert json.loads(old)["tasks"]["up"]["valid_sha256"] == second.tasks["up"].valid_sha256
+    cwd = os.getcwd()
+    os.chdir(validated)
+    try:
+        assert valid_sets(second) == {"up": Path("data/up/valid.jsonl")}
+        valid.write_text(json.dumps({"prompt": "up e", "completion": "E"}) + "\n")
+        with pytest.raises(FusionError, match="valid.jsonl: changed since the validate stage"):
+            valid_sets(second)
+    finally:
+        os.chdir(cwd)
 
 
 def _broken(path, change) -> None:

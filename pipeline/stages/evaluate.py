@@ -7,7 +7,7 @@ fused adapter on the tasks of the adapters it was built from. Both also answer t
 recorded revision), and ``baselines.json`` names it under ``base_model``. With ``--offtask`` each
 model's drift from the base on the off-task set is measured too (``drift``, ``pipeline.drift``), and
 with ``--valid`` its scores on the validation splits (``valid``: the valid.jsonl next to each test
-set), on which the report chooses each method's best setting.
+set, whose sha256 the plan records), on which the report chooses each method's best setting.
 """
 
 from __future__ import annotations
@@ -21,13 +21,22 @@ from pipeline.stages import run
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True)
 
 
-def valid_sets(tasks: dict[str, Path]) -> dict[str, Path]:
-    """The validation split next to each task's evaluation set (tasks without one are left out)."""
+def valid_sets(plan) -> dict[str, Path]:
+    """The validation split next to each task's evaluation set, as the plan recorded it (tasks
+    without one are left out); a split whose bytes changed since the validate stage is refused."""
+    from pipeline.errors import FusionError
+    from pipeline.formats import sha256_file
+    from pipeline.plan import valid_set
+
     out = {}
-    for name, path in tasks.items():
-        valid = path.parent / "valid.jsonl"
-        if path.name == "test.jsonl" and valid.is_file():
-            out[name] = valid
+    for name, t in plan.tasks.items():
+        if t.valid_sha256 is None:
+            continue
+        valid = valid_set(Path(t.data))
+        if valid is None or sha256_file(valid) != t.valid_sha256:
+            raise FusionError(f"{Path(t.data).parent / 'valid.jsonl'}: changed since the validate stage "
+                              f"recorded it: run dvc repro")
+        out[name] = valid
     return out
 
 
@@ -54,8 +63,9 @@ def _score(plan, base: str, adapter: str | None, label: str, offtask: Path | Non
         result = evaluate(base, adapter, tasks, max_examples=ev.max_examples,
                           max_tokens=ev.max_tokens, batch_size=ev.batch_size, progress=progress,
                           system_prompt=ev.system_prompt)
-        if valid and valid_sets(tasks):
-            result["valid"] = evaluate(base, adapter, valid_sets(tasks), max_examples=ev.max_examples,
+        valids = valid_sets(plan) if valid else {}
+        if valids:
+            result["valid"] = evaluate(base, adapter, valids, max_examples=ev.max_examples,
                                        max_tokens=ev.max_tokens, batch_size=ev.batch_size,
                                        system_prompt=ev.system_prompt)
     if offtask is not None:
