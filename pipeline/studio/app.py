@@ -14,7 +14,7 @@ import socket
 
 from pipeline.errors import FusionError
 from pipeline.methods.registry import METHODS
-from pipeline.studio.generate import MAX_TOKENS, Models, labels, on_mlx_thread, stream_answers
+from pipeline.studio.generate import MAX_TOKENS, MLX, Models, labels, on_mlx_thread, stream_answers
 from pipeline.studio.live import (WEIGHT_RANGE, LiveScorer, LiveSettings, initial_settings, save_experiment)
 from pipeline.studio.project import (Project, baseline_rows, compare_figures, compare_rows, experiment_rows,
                                      fusion_rows)
@@ -224,12 +224,13 @@ def serve(root=".", host: str = "127.0.0.1", port: int | None = None, examples: 
     page = build(project, examples)
     port = port or free_port(host)
     page.queue(default_concurrency_limit=1)
+    MLX.start()
     page.launch(server_name=host, server_port=port, prevent_thread_lock=True, quiet=True, ssr_mode=False,
                 footer_links=[], css=CSS, show_error=True)
     shown = f"[{host}]" if ":" in host else host
     on_ready(f"fusion studio: http://{shown}:{port}/")
     try:
-        page.block_thread()
+        MLX.serve()  # the page's model work, on this main thread, until interrupted
     finally:
         page.close()
         page.studio_models.close()

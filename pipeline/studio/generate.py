@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import queue
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Iterator
 
@@ -21,9 +22,53 @@ from pipeline.studio.project import Project
 MAX_PROMPT_CHARS = 4000
 MAX_TOKENS = 256
 
-# Every model computation of the page (loading, scoring, generating) runs on this one thread, one
-# at a time: MLX keeps per-thread streams, and two models computing at once would only share 2 cores.
-MLX = ThreadPoolExecutor(1, thread_name_prefix="studio-mlx")
+class ModelThread:
+    """Every model computation of the page (loading, scoring, generating) runs on one thread, one at a
+    time: MLX keeps per-thread streams, and two models computing at once would only share 2 cores.
+
+    That thread is the process's main thread: MLX used from another thread can abort the process
+    when it exits (``terminate called without an active exception``, mlx issue 3126). While
+    :meth:`serve` runs (the server's main loop), jobs queue for it; otherwise (the library called
+    from a script or a test) a job runs at once on the caller's thread."""
+
+    def __init__(self):
+        self._jobs: queue.Queue = queue.Queue()
+        self._serving = threading.Event()
+
+    def submit(self, fn, *args, **kwargs) -> Future:
+        future: Future = Future()
+        if self._serving.is_set():
+            self._jobs.put((future, fn, args, kwargs))
+        else:
+            self._run(future, fn, args, kwargs)
+        return future
+
+    @staticmethod
+    def _run(future: Future, fn, args, kwargs) -> None:
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as e:  # handed to the waiting caller
+                future.set_exception(e)
+
+    def start(self) -> None:
+        """From now on jobs wait for :meth:`serve` (call before the server takes requests)."""
+        self._serving.set()
+
+    def serve(self) -> None:
+        """Run queued jobs on this (the main) thread until interrupted."""
+        try:
+            while True:
+                try:
+                    job = self._jobs.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                self._run(*job)
+        finally:
+            self._serving.clear()
+
+
+MLX = ModelThread()
 
 
 def on_mlx_thread(fn, *args, **kwargs):
