@@ -77,6 +77,25 @@ def make_peft_adapter(path: Path, shapes=None, rank=4, alpha=8, seed=0, rslora=F
     return path, factors
 
 
+def write_q_proj_adapter(path, layers=2, hidden=32, rank=4, scale=2.0, seed=0):
+    """An mlx-lm LoRA adapter on q_proj of every layer, with random (non-zero) factors."""
+    import mlx.core as mx
+
+    path.mkdir(parents=True)
+    key = mx.random.key(seed)
+    weights = {}
+    for i in range(layers):
+        ka, kb, key = mx.random.split(key, 3)
+        weights[f"model.layers.{i}.self_attn.q_proj.lora_a"] = mx.random.normal((hidden, rank), key=ka)
+        weights[f"model.layers.{i}.self_attn.q_proj.lora_b"] = mx.random.normal((rank, hidden), key=kb)
+    mx.save_safetensors(str(path / "adapters.safetensors"), weights)
+    (path / "adapter_config.json").write_text(json.dumps({
+        "fine_tune_type": "lora", "num_layers": layers,
+        "lora_parameters": {"rank": rank, "scale": scale, "dropout": 0.0, "keys": ["self_attn.q_proj"]},
+    }))
+    return path
+
+
 def run_cli(*args, cwd=None, timeout=300):
     """Run the real ``fusion`` command line in a subprocess."""
     exe = Path(sys.executable).parent / "fusion"

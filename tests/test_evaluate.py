@@ -12,6 +12,8 @@ from pipeline.errors import FusionError
 from pipeline.evaluate import encode_example, evaluate, generate_samples, load_examples, retention
 from pipeline.demo.tinymodel import write_tiny_llama
 
+from conftest import write_q_proj_adapter as write_adapter
+
 PROMPTS = ["up abcd", "inc 1234", "x", "a longer prompt here", "up zz", "q", "inc 99", "hello there"]
 
 
@@ -29,23 +31,6 @@ def loaded(model_dir):
 
 def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def write_adapter(path, layers=2, hidden=32, rank=4, scale=2.0, seed=0):
-    """An mlx-lm LoRA adapter on q_proj of every layer, with random (non-zero) factors."""
-    path.mkdir(parents=True)
-    key = mx.random.key(seed)
-    weights = {}
-    for i in range(layers):
-        ka, kb, key = mx.random.split(key, 3)
-        weights[f"model.layers.{i}.self_attn.q_proj.lora_a"] = mx.random.normal((hidden, rank), key=ka)
-        weights[f"model.layers.{i}.self_attn.q_proj.lora_b"] = mx.random.normal((rank, hidden), key=kb)
-    mx.save_safetensors(str(path / "adapters.safetensors"), weights)
-    (path / "adapter_config.json").write_text(json.dumps({
-        "fine_tune_type": "lora", "num_layers": layers,
-        "lora_parameters": {"rank": rank, "scale": scale, "dropout": 0.0, "keys": ["self_attn.q_proj"]},
-    }))
     return path
 
 

@@ -18,7 +18,7 @@ from pipeline.drift import base_answers, drift, offtask_prompts
 from pipeline.formats import read_adapter
 from pipeline.report.evidence import league, predict, predictive_power, ranks, spearman
 
-from conftest import make_mlx_adapter, module_shapes
+from conftest import make_mlx_adapter, module_shapes, write_q_proj_adapter
 
 
 @pytest.fixture(scope="module")
@@ -27,19 +27,6 @@ def model_dir(tmp_path_factory):
                             heads=2, ff=64)
 
 
-def write_adapter(path, scale, seed=0, hidden=32, layers=2, rank=4):
-    path.mkdir(parents=True)
-    key = mx.random.key(seed)
-    weights = {}
-    for i in range(layers):
-        ka, kb, key = mx.random.split(key, 3)
-        weights[f"model.layers.{i}.self_attn.q_proj.lora_a"] = mx.random.normal((hidden, rank), key=ka)
-        weights[f"model.layers.{i}.self_attn.q_proj.lora_b"] = mx.random.normal((rank, hidden), key=kb)
-    mx.save_safetensors(str(path / "adapters.safetensors"), weights)
-    (path / "adapter_config.json").write_text(json.dumps({
-        "fine_tune_type": "lora", "num_layers": layers,
-        "lora_parameters": {"rank": rank, "scale": scale, "dropout": 0.0, "keys": ["self_attn.q_proj"]}}))
-    return path
 
 
 def test_offtask_prompts_are_seeded_and_distinct():
@@ -54,8 +41,8 @@ def test_drift_is_zero_for_the_base_and_grows_with_the_adapter(tmp_path, model_d
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     base = drift(model_dir, None, path, batch_size=4)
     assert base["kl"] == 0.0 and base["agreement"] == 1.0 and base["n"] == 6
-    small = drift(model_dir, write_adapter(tmp_path / "small", 0.05), path, batch_size=4)
-    large = drift(model_dir, write_adapter(tmp_path / "large", 2.0), path, batch_size=4)
+    small = drift(model_dir, write_q_proj_adapter(tmp_path / "small", scale=0.05), path, batch_size=4)
+    large = drift(model_dir, write_q_proj_adapter(tmp_path / "large", scale=2.0), path, batch_size=4)
     assert 0 < small["kl"] < large["kl"]
     assert large["loss"] > base["loss"] and large["tokens"] == base["tokens"]
 
