@@ -96,6 +96,14 @@ def write_q_proj_adapter(path, layers=2, hidden=32, rank=4, scale=2.0, seed=0):
     return path
 
 
+def make_source(rank, seed, shape=(32, 48), scale=1.0):
+    """One module's LoRA factors with the scale folded into B: ``(A (rank, in), B (out, rank))``."""
+    rng = np.random.default_rng(seed)
+    a = rng.normal(0, 1 / np.sqrt(shape[1]), (rank, shape[1])).astype(np.float32)
+    b = (scale * rng.normal(0, 0.5, (shape[0], rank))).astype(np.float32)
+    return a, b
+
+
 def run_cli(*args, cwd=None, timeout=300):
     """Run the real ``fusion`` command line in a subprocess."""
     exe = Path(sys.executable).parent / "fusion"

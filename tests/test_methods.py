@@ -15,17 +15,12 @@ from pipeline.methods import (METHODS, FusedModule, ModuleParams, agreement, che
                               prune_magnitude, randomized_svd, refactor_exact, slerp_coefficients,
                               stack_factors, ties_merge)
 
+from conftest import make_source
+
 SHAPE = (32, 48)  # (out, in)
 NAME = "model.layers.3.self_attn.q_proj"
 MASKING = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
 FULL = min(SHAPE)  # a rank that keeps everything: the re-factoring is then exact
-
-
-def make_source(rank, seed, shape=SHAPE, scale=1.0):
-    rng = np.random.default_rng(seed)
-    a = rng.normal(0, 1 / np.sqrt(shape[1]), (rank, shape[1])).astype(np.float32)
-    b = (scale * rng.normal(0, 0.5, (shape[0], rank))).astype(np.float32)
-    return a, b
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from conftest import make_mlx_adapter, run_cli
+from conftest import make_mlx_adapter, make_source, run_cli
 from pipeline.errors import FusionError
 from pipeline.methods import METHODS, ModuleParams, fuse_module, source_rng
 from pipeline.methods.ops import merge_task_vectors
@@ -23,17 +23,10 @@ INNER = {"linear": ("magnitude", None), "ties": ("magnitude", "total"),
          "dare_linear": ("random", None), "dare_ties": ("random", "total")}
 
 
-def make_source(rank, seed, scale=1.0, shape=SHAPE):
-    rng = np.random.default_rng(seed)
-    a = rng.normal(0, 1 / np.sqrt(shape[1]), (rank, shape[1])).astype(np.float32)
-    b = (scale * rng.normal(0, 0.5, (shape[0], rank))).astype(np.float32)
-    return a, b
-
-
 @pytest.fixture(scope="module")
 def sources():
     """Four adapters on one module: mixed ranks (4, 8, 3) and scales (1, 3, 0.2), and one lacking it."""
-    return [make_source(4, 1), make_source(8, 2, 3.0), None, make_source(3, 3, 0.2)]
+    return [make_source(4, 1), make_source(8, 2, scale=3.0), None, make_source(3, 3, scale=0.2)]
 
 
 def dense(s, shape=SHAPE):
@@ -187,7 +180,7 @@ def test_tsv_one_adapter_gives_itself_back(sources):
 
 def test_tsv_spectrum_is_the_kept_weighted_singular_values():
     shape = (12, 20)   # k = int(12 / 3) = 4 < the ranks: each task keeps its top 4
-    srcs = [make_source(6, 10 + i, 1.0 + i, shape) for i in range(3)]
+    srcs = [make_source(6, 10 + i, shape, 1.0 + i) for i in range(3)]
     w = (0.5, -1.5, 2.0)
     f = fuse_module(srcs, shape, "tsv", ModuleParams(weights=w), NAME)
     kept = np.concatenate([abs(wi) * np.linalg.svd(dense(s, shape), compute_uv=False)[:4]
@@ -238,7 +231,7 @@ def test_iso_c_keeps_the_sums_column_and_row_spaces(sources):
 
 
 def test_iso_cts_has_the_sums_rank_and_one_adapter_is_iso_c():
-    srcs = [make_source(4, 1), make_source(8, 2, 3.0), make_source(3, 3, 0.2)]
+    srcs = [make_source(4, 1), make_source(8, 2, scale=3.0), make_source(3, 3, scale=0.2)]
     f = fuse(srcs, "iso_cts", weights=(0.7, 0.5, 1.2), common_fraction=0.6)
     s = spectrum(product(f))
     assert len(s) == 15 and np.allclose(s, s[0], rtol=1e-5)   # N = 15 = rank of the sum
@@ -368,7 +361,7 @@ def test_per_module_rules_reach_the_method(tmp_path):
 @pytest.mark.parametrize("method", FRONTIER)
 def test_more_rank_than_rows_or_columns(method, shape):
     """The stacked ranks (4 + 5 + 3) exceed min(out, in): the bases are then Householder QRs."""
-    srcs = [make_source(4, 1, 1.0, shape), make_source(5, 2, 2.0, shape), make_source(3, 3, 0.5, shape)]
+    srcs = [make_source(4, 1, shape, 1.0), make_source(5, 2, shape, 2.0), make_source(3, 3, shape, 0.5)]
     w = (0.7, -0.4, 1.1)
     f = fuse_module(srcs, shape, method, ModuleParams(weights=w, common_fraction=0.5), NAME)
     deltas = [dense(s, shape) for s in srcs]
