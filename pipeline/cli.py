@@ -151,8 +151,9 @@ o_consensus = typer.Option("peft", "--consensus", help="TIES convention: peft (e
                            "divide by the number agreeing) or mergekit (elect on the weighted values, divide "
                            "by the sum of the agreeing weights).")
 o_t = typer.Option(None, "--t", help="SLERP position in [0, 1] between two adapters (0 = first). Default 0.5.")
-o_rank = typer.Option(None, "--rank", "-r", help="Output rank. Default: exact for linear/concat/slerp "
-                      "and in core space, the largest input rank for the masking methods in delta space.")
+o_rank = typer.Option(None, "--rank", "-r", help="Output rank. Default: exact for linear, concat, slerp, "
+                      "tsv, iso_c, iso_cts, knots and in core space; the largest input rank for the masking "
+                      "methods in delta space.")
 o_space = typer.Option("delta", "--space", help="delta (exact, default), factors (per-tensor average "
                        "of lora_a/lora_b, as simple scripts do; equal ranks only) or core (the element-wise "
                        "methods on R x R cores in the SVD bases of the stacked factors).")
