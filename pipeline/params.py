@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.benchmarks import check as check_lm_eval
 from pipeline.destination import safe_name
 from pipeline.errors import FusionError
 from pipeline.methods.registry import PARAMS
@@ -49,6 +50,7 @@ class Params:
     eval: dict
     prompts: list[str]
     raw: dict
+    lm_eval: dict | None = None   # eval.lm_eval: lm-eval-harness tasks (pipeline.benchmarks), None: none
 
 
 class _Loader(yaml.SafeLoader):
@@ -114,10 +116,11 @@ def resolve(raw: dict, where: str = "params.yaml") -> Params:
     if not fusions:
         raise FusionError(f"{where}: no fusions declared under 'fusions:'")
     ev = {**EVAL_DEFAULTS, **(raw.get("eval") or {})}
+    lm_eval = check_lm_eval(ev.pop("lm_eval", None), where)
     unknown = set(ev) - set(EVAL_DEFAULTS)
     if unknown:
         raise FusionError(f"{where}: eval has unknown setting(s) {', '.join(sorted(map(str, unknown)))} "
-                          f"(known: {', '.join(EVAL_DEFAULTS)})")
+                          f"(known: {', '.join(EVAL_DEFAULTS)}, lm_eval)")
     if ev["system_prompt"] is not None and not isinstance(ev["system_prompt"], str):
         raise FusionError(f"{where}: eval.system_prompt must be a string, got {ev['system_prompt']!r}")
     for key, value in ev.items():
@@ -128,7 +131,7 @@ def resolve(raw: dict, where: str = "params.yaml") -> Params:
     prompts = raw.get("prompts") or []
     if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
         raise FusionError(f"{where}: prompts must be a list of strings")
-    return Params(base, adapters, fusions, ev, prompts, raw)
+    return Params(base, adapters, fusions, ev, prompts, raw, lm_eval)
 
 
 def _fusion(name: str, f, defaults: dict, adapters: dict, where: str) -> Fusion:

@@ -47,7 +47,9 @@ def validated(tmp_path):
 def test_plans_read_back_typed_and_write_the_same_bytes(validated):
     out = validated / "validated"
     assert sorted(p.name for p in out.iterdir()) == [
-        "average.eval.json", "average.fuse.json", "baselines.json", "ties.eval.json", "ties.fuse.json"]
+        "average.eval.json", "average.fuse.json", "baselines.json", "lm_eval.json", "ties.eval.json",
+        "ties.fuse.json"]
+    assert json.loads((out / "lm_eval.json").read_text()) == {"tasks": []}   # no eval.lm_eval
     fuse = FusePlan.read(out / "ties.fuse.json")
     assert fuse.fusion == "ties" and [a.name for a in fuse.adapters] == ["up", "inc"]
     assert isinstance(fuse.adapters[0], AdapterRef) and len(fuse.adapters[0].sha256) == 64

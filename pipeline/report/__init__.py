@@ -22,7 +22,7 @@ from pipeline.report.content import report_blocks
 from pipeline.report.evidence import predictive_power, signal_points
 from pipeline.report.figures import geometry_figure, retention_figure, scores_figure, weights_figure
 from pipeline.report.files import to_json, write_atomic
-from pipeline.report.gather import collect
+from pipeline.report.gather import collect, lm_eval_scores
 from pipeline.report.metrics import headline, metrics, plot_rows
 from pipeline.report.render import to_html, to_markdown
 
@@ -49,17 +49,19 @@ def write_report(out_dir: str | Path, params: dict, baselines: dict, evals: dict
                  infos: dict | None = None, *, tasks_of: dict | None = None,
                  tolerance: float = ROUTING_TOLERANCE,
                  title: str = "Adapter fusion report", controls: dict | None = None,
-                 joint: str | None = None) -> dict[str, Path]:
+                 joint: str | None = None, lm_eval: dict | None = None) -> dict[str, Path]:
     """Write metrics, plot data, figures and the report under ``out_dir``; return their paths by role.
 
     ``figures/geometry.png`` is written when some fusion has per-module figures and
     ``figures/weights.png`` when some fusion gives its adapters weights; every other file always.
     ``controls`` (per fusion, its random control's record) and ``joint`` (the joint-training
-    adapter's name) add those baselines; ``signals.json`` holds the data-free signals of every
+    adapter's name) add those baselines; ``lm_eval`` (``{"baselines": the lm_eval_baselines stage's
+    record, "fusions": {name: the lm_eval@NAME stage's record}}``) adds the lm-eval scores; ``signals.json`` holds the data-free signals of every
     fusion and control against measured retention, their rank correlations and the fit of the best.
     """
     out = Path(out_dir)
     data = collect(params, baselines, evals, infos or {}, tasks_of or {}, tolerance, controls, joint)
+    data["lm_eval"] = lm_eval_scores(lm_eval, list(data["fusions"]))
     points = signal_points(data)
     data["power"] = predictive_power(points)
     written: dict[str, Path] = {}

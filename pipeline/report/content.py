@@ -26,7 +26,7 @@ def report_blocks(data: dict, figures: dict[str, str], title: str) -> list:
     """The whole report, section by section."""
     head = _summary(data, title)
     return [*head[:2], *_league(data), *head[2:], *_fusions(data), *_scores(data, figures),
-            *_baselines(data), *_drift(data), *_signals(data), *_geometry(data, figures),
+            *_baselines(data), *_benchmarks(data), *_drift(data), *_signals(data), *_geometry(data, figures),
             *_generations(data), *_hashes(data)]
 
 
@@ -239,6 +239,33 @@ def _baselines(data: dict) -> list:
             ("table", ["model"] + [t for t in data["tasks"]], rows),
             ("p", ["Each cell: exact-match accuracy / loss (loss alone for text sets); "
                    "n = examples scored."])]
+
+
+def _benchmarks(data: dict) -> list:
+    """The lm-eval tasks (``eval.lm_eval``) on every model: each metric, with its standard error."""
+    bench = data.get("lm_eval")
+    if not bench:
+        return []
+    models = [("base", bench["base"]), *((f"adapter {a}", s) for a, s in bench["adapters"].items()),
+              *((f"fusion {n}", s) for n, s in bench["fusions"].items())]
+    columns = []
+    for _, scores in models:
+        for task, metrics in scores.items():
+            columns += [(task, m) for m in metrics if "_stderr" not in m and (task, m) not in columns]
+    rows = []
+    for label, scores in models:
+        cells = []
+        for task, m in columns:
+            value, err = (scores.get(task) or {}).get(m), (scores.get(task) or {}).get(f"{m}_stderr")
+            name, _, filt = m.partition(",")
+            err = err if err is not None else (scores.get(task) or {}).get(f"{name}_stderr,{filt}")
+            cells.append(MISSING if value is None else f"{value:.3f}" + (f" ± {err:.3f}" if err is not None else ""))
+        rows.append([label] + cells)
+    return [("h", 2, "Standard benchmarks (lm-eval)"),
+            ("p", ["lm-evaluation-harness tasks (params.yaml: eval.lm_eval), run through mlx-lm's lm-eval "
+                   "model on the base model, each source adapter and each fusion; ± is lm-eval's standard "
+                   "error."]),
+            ("table", ["model"] + [f"{t} {m}" for t, m in columns], rows)]
 
 
 def _geometry(data: dict, figures: dict[str, str]) -> list:

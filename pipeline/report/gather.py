@@ -131,3 +131,21 @@ def best_fusions(data: dict) -> dict[str, tuple[str, float] | None]:
                 best = (name, value)
         out[key] = best
     return out
+
+
+def lm_eval_scores(lm_eval: dict | None, fusions: list[str]) -> dict | None:
+    """The lm-eval scores by model (``{"tasks", "base", "adapters": {name: ...}, "fusions": {name: ...}}``,
+    each ``{task: {metric: value}}``), or None when no lm-eval task was run; a fusion without its
+    scores while the baselines have them is refused."""
+    base = (lm_eval or {}).get("baselines") or {}
+    if not base.get("tasks"):
+        return None
+    out = {"tasks": list(base["tasks"]), "base": base["base"]["scores"],
+           "adapters": {a: r["scores"] for a, r in base["adapters"].items()}, "fusions": {}}
+    for name in fusions:
+        record = (lm_eval.get("fusions") or {}).get(name) or {}
+        if record.get("tasks") != base["tasks"]:
+            raise FusionError(f"fusion {name!r}: its lm-eval scores are missing or for other tasks than the "
+                              "baselines' (run the lm_eval stages)")
+        out["fusions"][name] = record["scores"]
+    return out

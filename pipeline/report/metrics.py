@@ -15,6 +15,7 @@ def metrics(data: dict) -> dict:
         return _drop_none({"accuracy": m.get("accuracy"), "loss": m.get("loss")})
 
     fusions = {}
+    bench = data.get("lm_eval")
     for name, f in data["fusions"].items():
         r = f["retention"]
         tasks = {t: _drop_none({"accuracy": x["accuracy"], "loss": x["loss"], "retention": x["retention"]})
@@ -35,6 +36,7 @@ def metrics(data: dict) -> dict:
             "signals": _drop_none({k: (f.get("signals") or {}).get(k)
                                    for k in ("min_kept", "min_alignment", "energy_kept", "mean_overlap",
                                              "interference")}) or None,
+            "lm_eval": bench["fusions"][name] if bench else None,
         })
     power = data.get("power") or {}
     return _drop_none({
@@ -43,6 +45,7 @@ def metrics(data: dict) -> dict:
         "adapters": {a: {t: scores(m) for t, m in ev.items()} for a, ev in data["adapters"].items()},
         "drift": _drop_none({"base": _drift(data.get("base_drift")),
                              **{a: _drift(d) for a, d in (data.get("adapter_drift") or {}).items()}}) or None,
+        "lm_eval": {"base": bench["base"], "adapters": bench["adapters"]} if bench else None,
         "signals": _drop_none({name: _drop_none({"spearman": s["spearman"], "n": s["n"],
                                                  "spearman_with_controls": s["with_controls"]["spearman"]})
                                for name, s in (power.get("signals") or {}).items()}) or None,
