@@ -284,10 +284,13 @@ def _predict(adapters: list[Path], spec, signals: Path, ignore_base: bool) -> No
     fit = power.get("fit")
     values = signal_values(record["signals"], record["geometry"])
     if fit and values.get(fit["signal"]) is not None:
-        rho = (power.get("signals") or {}).get(fit["signal"], {}).get("spearman")
+        stats = (power.get("signals") or {}).get(fit["signal"], {})
+        within = (stats.get("within") or {}).get("spearman")
+        rho = (f"Spearman {within:.2f} within source sets" if within is not None
+               else f"Spearman {stats.get('spearman', float('nan')):.2f}")
         out.print(f"predicted mean retention {predict(fit, record['signals'], record['geometry']):.3f} "
                   f"(not evaluated: from {fit['signal']} = {values[fit['signal']]:.3f}, the best signal in "
-                  f"{signals}, Spearman {rho:.2f} over {fit['n']} fusions)", highlight=False)
+                  f"{signals}, {rho}, fitted over {fit['n']} fusions)", highlight=False)
     else:
         out.print(f"no prediction: {signals} has no fitted signal", highlight=False)
     for w in record["signals"].get("warnings") or []:
@@ -466,34 +469,40 @@ def signals(files: List[Path] = typer.Argument(..., help="signals.json files of 
     """How well each data-free signal predicts measured retention, pooled over several reports.
 
     Every fusion in FILES is one point; prints the Spearman rank correlation of each signal with mean
-    retention and the number of fusions that have it, then the same with the random controls added.
+    retention and the number of fusions that have it, the same inside each set of sources (each
+    report's fusions of the same adapters, pooled by size; what picks the best signal), then with
+    the random controls added.
     """
     import json
 
     from rich.table import Table
 
-    from pipeline.report.evidence import predictive_power
+    from pipeline.report.evidence import MIN_RHO, predictive_power
 
     points = []
-    for f in files:
+    for i, f in enumerate(files):
         try:
-            points += json.loads(f.read_text())["points"]
+            points += [{**p, "report": i} for p in json.loads(f.read_text())["points"]]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise FusionError(f"{f}: not a report's signals.json ({e})") from None
     power = predictive_power(points)
     table = Table(title=f"{len(points)} fusions and random controls from {len(files)} report(s)")
-    for col in ("signal", "Spearman", "n", "with controls", "n", "what it is"):
+    for col in ("signal", "Spearman", "n", "within source sets", "n (sets)", "with controls", "n", "what it is"):
         table.add_column(col)
 
     def rho(x):
         return "–" if x is None else f"{x:.3f}"
 
     for name, s in power["signals"].items():
-        c = s["with_controls"]
-        table.add_row(name, rho(s["spearman"]), str(s["n"]), rho(c["spearman"]), str(c["n"]), s["description"])
+        c, w = s["with_controls"], s["within"]
+        table.add_row(name, rho(s["spearman"]), str(s["n"]), rho(w["spearman"]), f"{w['n']} ({w['groups']})",
+                      rho(c["spearman"]), str(c["n"]), s["description"])
     out.print(table)
     if power["best"]:
         out.print(f"best: {power['best']}", highlight=False)
+    else:
+        out.print(f"best: none (no signal reaches a rank correlation of {MIN_RHO} with retention within the "
+                  "sets of sources: no prediction)", highlight=False)
 
 
 if __name__ == "__main__":

@@ -111,6 +111,33 @@ def test_predictive_power_picks_the_signal_that_ranks_retention():
     assert 0.55 < predict(fit, {"min_kept": 0.5}) < 0.65
 
 
+def test_a_signal_of_the_sources_alone_cannot_win_by_telling_pairs_from_triples():
+    """Across two source sets, a source-only signal (one value per set) ranks a pair above a
+    three-way fusion perfectly overall, but has no spread inside a set: the signal that orders the
+    fusions of each set wins, and its prediction stays in the measured range."""
+    rows = [(("a", "b"), 0.9, 0.9), (("a", "b"), 0.5, 0.7), (("a", "b"), 0.2, 0.6), (("a", "b"), 0.7, 0.8),
+            (("a", "b", "c"), 0.6, 0.4), (("a", "b", "c"), 0.1, 0.1), (("a", "b", "c"), 0.3, 0.2)]
+    points = [{"fusion": f"f{i}", "kind": "fusion", "retention": r, "sources": list(src),
+               "signals": {"min_kept": k, "mean_overlap": 0.9 if len(src) == 2 else 0.1}}
+              for i, (src, k, r) in enumerate(rows)]
+    power = predictive_power(points)
+    overlap, kept = power["signals"]["mean_overlap"], power["signals"]["min_kept"]
+    assert overlap["spearman"] > kept["spearman"] > 0      # overall, the source-only signal looks better
+    assert overlap["within"] == {"spearman": None, "n": 0, "groups": 0}
+    assert kept["within"]["spearman"] == pytest.approx(1.0) and kept["within"]["groups"] == 2
+    assert power["best"] == "min_kept" and power["fit"]["range"] == [0.1, 0.9]
+    assert predict(power["fit"], {"min_kept": 50.0}) == 0.9 and predict(power["fit"], {"min_kept": -50.0}) == 0.1
+
+
+@pytest.mark.parametrize("retention, rho", [([0.9, 0.6, 0.3, 0.1, 0.5], -0.9), ([0.2, 0.6, 0.1, 0.5, 0.4], 0.2)])
+def test_no_prediction_from_a_weak_or_negative_correlation_within_the_sets(retention, rho):
+    points = [{"fusion": f"f{i}", "kind": "fusion", "retention": r, "sources": ["a", "b"],
+               "signals": {"min_kept": k}} for i, (k, r) in enumerate(zip([0.1, 0.4, 0.6, 0.9, 0.7], retention))]
+    power = predictive_power(points)
+    assert power["signals"]["min_kept"]["within"]["spearman"] == pytest.approx(rho)
+    assert power["best"] is None and power["fit"] is None
+
+
 def _task(ret):
     return {"retention": ret}
 
@@ -158,13 +185,15 @@ def test_fusion_validate_predicts_from_a_reports_signals(tmp_path):
                {"format": "mlx"})
     fit = {"signal": "min_kept", "intercept": 0.2, "slope": 0.6, "n": 9}
     power = tmp_path / "signals.json"
-    power.write_text(json.dumps({"fit": fit, "signals": {"min_kept": {"spearman": 0.8, "n": 9}}}))
+    power.write_text(json.dumps({"fit": fit, "signals": {"min_kept": {"spearman": 0.8, "n": 9,
+                                                                     "within": {"spearman": 0.7, "n": 9, "groups": 2}}}}))
     r = run_cli("validate", a, b, "--weights", "1,0.5", "--signals", power)
     assert r.returncode == 0, r.stderr
     record = fuse([a, b], tmp_path / "check", FusionSpec(method="linear", weights=[1.0, 0.5]))
     want = predict(fit, record["signals"])
     assert f"predicted mean retention {want:.3f}" in r.stdout
-    assert "opposite signs" in r.stdout and "Spearman 0.80 over 9 fusions" in r.stdout
+    text = " ".join(r.stdout.split())   # rich wraps long lines
+    assert "opposite signs" in text and "Spearman 0.70 within source sets, fitted over 9 fusions" in text, text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "check", "signals.json"]
     # without a signals file: validation only
     r = run_cli("validate", a, b, "--signals", tmp_path / "none.json")

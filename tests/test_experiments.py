@@ -86,7 +86,7 @@ def test_changing_one_adapter_recomputes_only_the_fusions_that_use_it(repo):
     # the baselines score every adapter, so they re-run too (and the off-task set, whose plan names
     # every adapter, is answered again, to the same bytes); `average` and `up70` do not use `sh`
     assert ran_stages(r.stdout) == {"validate", "offtask", "baselines", "fuse@all3", "evaluate@all3",
-                                    "control@all3", "report"}
+                                    "control@all3", "lm_eval@all3", "report"}
     sh("git", "add", "-A", cwd=repo)
     sh("git", "commit", "-qm", "sh adapter changed", cwd=repo)
 
@@ -94,7 +94,7 @@ def test_changing_one_adapter_recomputes_only_the_fusions_that_use_it(repo):
 def test_exp_run_default_weights_refuses_only_the_inheriting_fusion(repo):
     r = sh("dvc", "exp", "run", "-S", "weights=[0.7,0.3]", cwd=repo)
     assert ran_stages(r.stdout) == {"validate", "fuse@average", "evaluate@average", "control@average",
-                                    "report", "search"}
+                                    "lm_eval@average", "report", "search"}
     # `average` at [0.7, 0.3] is `up70`: the same fused bytes, the same scores
     m = json.loads((repo / "reports" / "metrics.json").read_text())["fusions"]
     assert m["average"]["mean_retention"] == pytest.approx(m["up70"]["mean_retention"])

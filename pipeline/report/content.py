@@ -14,7 +14,7 @@ import json
 import math
 
 from pipeline.methods.registry import PARAMS
-from pipeline.report.evidence import league
+from pipeline.report.evidence import MIN_POINTS, MIN_RHO, league
 from pipeline.report.formatting import MISSING, fmt, gain_pts, pct, signed
 from pipeline.report.gather import best_fusions
 
@@ -133,27 +133,42 @@ def _signals(data: dict) -> list:
         blocks.append(("list", warn))
     power = data.get("power") or {}
     prow = [[name, s["description"], fmt(s["spearman"], 3), str(s["n"]),
+             fmt((s.get("within") or {}).get("spearman"), 3),
+             f"{(s.get('within') or {}).get('n', 0)} in {(s.get('within') or {}).get('groups', 0)}",
              fmt((s.get("with_controls") or {}).get("spearman"), 3), str((s.get("with_controls") or {}).get("n", MISSING))]
             for name, s in (power.get("signals") or {}).items()]
     if prow:
         fit = power.get("fit")
         blocks += [("h", 3, "How well each signal predicts retention"),
-                   ("p", ["Spearman rank correlation of each signal with the measured mean retention, "
-                          "over the fusions here (n = the fusions that have the signal), and over the "
-                          "fusions and their random controls together (random sources are shaped like "
-                          "the learned ones, so a signal of geometry alone cannot tell them apart). "
-                          "Negative means a higher value predicts lower retention; ",
+                   ("p", ["Spearman rank correlation of each signal with the measured mean retention: "
+                          "over all the fusions here (n = the fusions that have the signal); inside each "
+                          "set of sources, pooled by size (the fusions of one set, compared with each "
+                          "other: what a prediction is for, and where a signal of the sources alone has no "
+                          "spread); and over the fusions and their random controls together (random "
+                          "sources are shaped like the learned ones, so a signal of geometry alone cannot "
+                          "tell them apart). Negative means a higher value predicts lower retention; ",
                           ("code", "fusion signals reports/signals.json OTHER/reports/signals.json"),
                           " pools several reports."]),
-                   ("table", ["signal", "what it is", "Spearman (fusions)", "n", "Spearman (with controls)",
-                              "n"], prow)]
+                   ("table", ["signal", "what it is", "Spearman (fusions)", "n", "Spearman (within source sets)",
+                              "n in sets", "Spearman (with controls)", "n"], prow)]
         if fit:
-            blocks.append(("p", ["Best: ", ("b", fit["signal"]), f" (rank correlation "
-                                 f"{fmt(power['signals'][fit['signal']]['spearman'], 3)}, n = {fit['n']}). "
-                                 f"Its least-squares fit, retention ≈ {fit['intercept']:.3f} "
+            within = power["signals"][fit["signal"]]["within"]
+            blocks.append(("p", ["Best: ", ("b", fit["signal"]), f" (rank correlation within source sets "
+                                 f"{fmt(within['spearman'], 3)}, {within['n']} fusions in {within['groups']} sets). "
+                                 f"Its least-squares fit over {fit['n']} fusions, retention ≈ {fit['intercept']:.3f} "
                                  f"{'+' if fit['slope'] >= 0 else '-'} {abs(fit['slope']):.3f} × "
-                                 f"{fit['signal']}, is the prediction ", ("code", "fusion validate --signals reports/signals.json"),
+                                 f"{fit['signal']}, clipped to the measured range {fit['range'][0]:.3f}–"
+                                 f"{fit['range'][1]:.3f}, is the prediction ",
+                                 ("code", "fusion validate --signals reports/signals.json"),
                                  " shows next to a fusion not evaluated yet (reports/signals.json)."]))
+        else:
+            usable = [(n, s["within"]["spearman"]) for n, s in power["signals"].items()
+                      if (s.get("within") or {}).get("spearman") is not None]
+            top = max(usable, key=lambda x: x[1], default=None)
+            blocks.append(("p", ["No prediction: no signal reaches a rank correlation of "
+                                 f"{MIN_RHO} with retention inside the sets of sources (over at least "
+                                 f"{MIN_POINTS} fusions)"
+                                 + (f"; the best is {top[0]} at {top[1]:.3f}." if top else ".")]))
     return blocks
 
 

@@ -10,9 +10,11 @@ Both take the structure ``gather.collect`` returns.
   ``(signal value, measured mean retention)``; per signal, the Spearman rank correlation over the
   fusions that have it, and their number; the same over the fusions and their random controls
   together (``with_controls``: random sources can look like learned ones to a signal that sees
-  only geometry). The best signal (largest correlation over the fusions, at least ``MIN_POINTS``
-  of them) is fitted by least squares (``retention ~ a + b * signal``) so that a fusion not yet
-  evaluated gets a predicted retention (:func:`predict`, used by ``fusion validate``).
+  only geometry), and inside each set of sources (``within``). The best signal (largest
+  correlation inside the sets of sources, over at least ``MIN_POINTS`` fusions, and at least
+  ``MIN_RHO``) is fitted by least
+  squares (``retention ~ a + b * signal``) so that a fusion not yet evaluated gets a predicted
+  retention (:func:`predict`, used by ``fusion validate``), clipped to the range it was fitted on.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import math
 from pipeline.methods.registry import METHODS
 
 MIN_POINTS = 4
+MIN_RHO = 0.3   # a weaker rank correlation inside the source sets is no basis for a prediction
 
 # name -> (description, how to read it from a fusion's signals summary and geometry summary)
 SIGNALS = {
@@ -54,16 +57,16 @@ def signal_values(signals: dict | None, geometry: dict | None) -> dict[str, floa
 
 
 def signal_points(data: dict) -> list[dict]:
-    """``[{"fusion", "kind" ("fusion" | "random control"), "retention", "signals": {...}}]``."""
+    """``[{"fusion", "kind" ("fusion" | "random control"), "retention", "sources", "signals": {...}}]``."""
     points = []
     for name, f in data["fusions"].items():
         if f["signals"]:
             points.append({"fusion": name, "kind": "fusion", "retention": f["retention"]["mean_retention"],
-                           "signals": signal_values(f["signals"], f["geometry"])})
+                           "sources": sorted(f["adapters"]), "signals": signal_values(f["signals"], f["geometry"])})
         c = f.get("control")
         if c and c.get("signals"):
             points.append({"fusion": name, "kind": "random control",
-                           "retention": c["retention"]["mean_retention"],
+                           "retention": c["retention"]["mean_retention"], "sources": sorted(f["adapters"]),
                            "signals": signal_values(c["signals"], None)})
     return points
 
@@ -104,35 +107,66 @@ def _pairs(points: list[dict], name: str) -> list[tuple[float, float]]:
 
 
 def predictive_power(points: list[dict]) -> dict:
-    """``{"signals": {name: {"spearman", "n", "with_controls": {"spearman", "n"}, "description"}},
-    "best", "fit", "points": n}``; ``spearman`` and ``n`` over the points of kind ``"fusion"``."""
+    """``{"signals": {name: {"spearman", "n", "within": {"spearman", "n", "groups"},
+    "with_controls": {"spearman", "n"}, "description"}}, "best", "fit", "points": n}``.
+
+    ``spearman`` and ``n`` are over the points of kind ``"fusion"``; ``within`` is the correlation
+    inside each set of sources (points with the same ``sources`` from the same ``report``, at least
+    3 of them), averaged with each set's number of points as its weight. That is the question a
+    prediction answers (which of these candidate fusions of my adapters keeps the most?), and a
+    signal of the sources alone (overlap, cosine, ...) has no spread there, so it cannot win by
+    telling a pair from a three-way fusion. The best signal has the largest ``within`` correlation
+    over at least ``MIN_POINTS`` fusions; when that is at least ``MIN_RHO``, its least-squares fit over
+    every fusion predicts, clipped to the range of retention it was fitted on (``fit["range"]``);
+    ``best`` is None otherwise."""
     out = {}
     fusions = [p for p in points if p.get("kind", "fusion") == "fusion"]
     for name, description in SIGNALS.items():
         pairs, both = _pairs(fusions, name), _pairs(points, name)
         out[name] = {"spearman": spearman(*zip(*pairs)) if len(pairs) >= 2 else None, "n": len(pairs),
+                     "within": _within(fusions, name),
                      "with_controls": {"spearman": spearman(*zip(*both)) if len(both) >= 2 else None,
                                        "n": len(both)},
                      "description": description}
-    usable = [(n, s) for n, s in out.items() if s["spearman"] is not None and s["n"] >= MIN_POINTS]
-    best = max(usable, key=lambda x: (x[1]["spearman"], x[1]["n"]), default=(None, None))[0]
+    usable = [(n, s) for n, s in out.items() if s["within"]["spearman"] is not None and s["within"]["n"] >= MIN_POINTS]
+    best = max(usable, key=lambda x: (x[1]["within"]["spearman"], x[1]["within"]["n"]), default=(None, None))[0]
     fit = None
-    if best is not None:
+    if best is not None and out[best]["within"]["spearman"] >= MIN_RHO:
         pairs = _pairs(fusions, best)
         xs, ys = [a for a, _ in pairs], [b for _, b in pairs]
         mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
         sxx = sum((a - mx) ** 2 for a in xs)
         slope = sum((a - mx) * (b - my) for a, b in pairs) / sxx if sxx > 0 else 0.0
-        fit = {"signal": best, "intercept": my - slope * mx, "slope": slope, "n": len(pairs)}
-    return {"signals": out, "best": best, "fit": fit, "points": len(points)}
+        fit = {"signal": best, "intercept": my - slope * mx, "slope": slope, "n": len(pairs),
+               "range": [min(ys), max(ys)]}
+    return {"signals": out, "best": best if fit else None, "fit": fit, "points": len(points)}
+
+
+def _within(points: list[dict], name: str) -> dict:
+    """Spearman of signal ``name`` with retention inside each set of sources, pooled by size."""
+    groups: dict[tuple, list[dict]] = {}
+    for p in points:
+        groups.setdefault((p.get("report"), tuple(p.get("sources") or ())), []).append(p)
+    total, weight, n_groups = 0.0, 0, 0
+    for group in groups.values():
+        pairs = _pairs(group, name)
+        rho = spearman(*zip(*pairs)) if len(pairs) >= 3 else None
+        if rho is not None:
+            total, weight, n_groups = total + rho * len(pairs), weight + len(pairs), n_groups + 1
+    return {"spearman": total / weight if weight else None, "n": weight, "groups": n_groups}
 
 
 def predict(fit: dict | None, signals: dict | None, geometry: dict | None = None) -> float | None:
-    """The retention the fitted best signal predicts for a fusion's signals (None without a fit)."""
+    """The retention the fitted best signal predicts for a fusion's signals (None without a fit),
+    within the range of retention the fit was made on."""
     if not fit:
         return None
     x = signal_values(signals, geometry).get(fit["signal"])
-    return None if x is None else fit["intercept"] + fit["slope"] * x
+    if x is None:
+        return None
+    y = fit["intercept"] + fit["slope"] * x
+    lo, hi = fit.get("range") or (-math.inf, math.inf)
+    return min(max(y, lo), hi)
 
 
 def _method_order(names) -> list[str]:

@@ -47,6 +47,7 @@ def metrics(data: dict) -> dict:
                              **{a: _drift(d) for a, d in (data.get("adapter_drift") or {}).items()}}) or None,
         "lm_eval": {"base": bench["base"], "adapters": bench["adapters"]} if bench else None,
         "signals": _drop_none({name: _drop_none({"spearman": s["spearman"], "n": s["n"],
+                                                 "spearman_within": s["within"]["spearman"],
                                                  "spearman_with_controls": s["with_controls"]["spearman"]})
                                for name, s in (power.get("signals") or {}).items()}) or None,
     })
