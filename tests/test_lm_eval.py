@@ -182,7 +182,7 @@ def test_an_unknown_task_is_one_line(tmp_path, tiny_model):
 # --- the pipeline ---------------------------------------------------------------------------------
 
 @needs_lm_eval
-def test_pipeline_scores_every_model_and_reruns_only_what_reads_the_task(tmp_path):
+def test_pipeline_scores_every_model_and_reruns_only_what_reads_the_task(tmp_path, monkeypatch):
     root = scratch_project(tmp_path / "project")
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["fusions"] = {k: params["fusions"][k] for k in ("average", "sum")}
@@ -190,7 +190,7 @@ def test_pipeline_scores_every_model_and_reruns_only_what_reads_the_task(tmp_pat
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     write_task(root / "data" / "bench")
     for k, v in OFFLINE.items():
-        os.environ.setdefault(k, v)
+        monkeypatch.setenv(k, v)   # the stages' lm-eval reads local files only
     out = sh("dvc", "repro", cwd=root).stdout
     assert {"lm_eval_baselines", "lm_eval@average", "lm_eval@sum", "report"} <= ran_stages(out)
     metrics = json.loads((root / "reports" / "metrics.json").read_text())
