@@ -1,5 +1,6 @@
 """Where the time of a fusion goes: the fuse loop of ``pipeline.fuse`` run on the main thread
-under cProfile (worker threads are invisible to cProfile), one module after another.
+under cProfile (worker threads are invisible to cProfile), one module after another: per module,
+exactly what ``fuse`` runs (the method, the geometry figures and the quality signals).
 
     python bench/profile_fuse.py --size 1b --method ties --density 0.5 --rank 16 [--top 25]
 """
@@ -19,9 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from bench.gen_adapters import make_adapter  # noqa: E402
-from pipeline import geometry  # noqa: E402
-from pipeline.fuse import FusionSpec, _module_order, module_params  # noqa: E402
-from pipeline.methods import fuse_module  # noqa: E402
+from pipeline.fuse import FusionSpec, _fuse_module, _module_order, module_params  # noqa: E402
+from pipeline.methods import check_params, get_method  # noqa: E402
 from pipeline.threads import blas_threads  # noqa: E402
 from pipeline.validate import validate  # noqa: E402
 
@@ -40,9 +40,8 @@ def run(paths, spec: FusionSpec) -> None:
             A, B, s = a.factors(name)
             sources.append((A, B * np.float32(s)))
         p = module_params(spec, name, info.layer, n_layers, len(srcs))
-        r = fuse_module(sources, shape, spec.method, p, name)
-        geometry.lowrank_norm((r.a, r.b))
-        geometry.module_geometry(sources, shape, name)
+        check_params(spec.method, len(srcs), p)
+        _fuse_module(get_method(spec.method), sources, shape, p, name)
 
 
 def main() -> None:
