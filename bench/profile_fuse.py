@@ -32,6 +32,7 @@ def run(paths, spec: FusionSpec) -> None:
     info_of = {n: m for a in reversed(srcs) for n, m in a.modules.items()}
     layers = set().union(*(a.layers for a in srcs))
     n_layers = max(layers) + 1
+    method = get_method(spec.method)
     for name in sorted(info_of, key=_module_order):
         info = info_of[name]
         shape = (info.out_features, info.in_features)
@@ -41,7 +42,7 @@ def run(paths, spec: FusionSpec) -> None:
             sources.append((A, B * np.float32(s)))
         p = module_params(spec, name, info.layer, n_layers, len(srcs))
         check_params(spec.method, len(srcs), p)
-        _fuse_module(get_method(spec.method), sources, shape, p, name)
+        _fuse_module(method, sources, shape, p, name)
 
 
 def main() -> None:
