@@ -85,12 +85,12 @@ def progress_bar(description: str):
 
 def parse_list(text: str | None, what: str):
     """``0.7,0.3`` or ``[0.7, 0.3]`` or ``[[1, 0.5], [0, 0.5]]`` (per-layer lists) or ``0.5``."""
-    import yaml
+    if text is None:
+        return None
+    import yaml  # a twentieth of a second: only when there is something to read
 
     from pipeline.params import yaml_load
 
-    if text is None:
-        return None
     s = text.strip()
     if not s:
         raise FusionError(f"--{what}: empty value (leave the option out for the default)")

@@ -11,6 +11,7 @@ Parameters resolve per module as :mod:`pipeline.spec` says.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import replace
 from concurrent.futures import ThreadPoolExecutor
@@ -136,7 +137,8 @@ def fuse(adapters: list[str | Path], out: str | Path | None, spec: FusionSpec | 
     if spec.space == "delta" and not method.exact:
         dense = 2 * 4 * max(m.out_features * m.in_features for m in info_of.values())
     workers = worker_count(dense)
-    with blas_threads(blas_thread_count()), ThreadPoolExecutor(workers, thread_name_prefix="fuse") as pool:
+    # no MLX product runs here (a base model for DoRA is loaded before), so its OpenBLAS is not loaded
+    with blas_threads(blas_thread_count(), mlx=False), ThreadPoolExecutor(workers, thread_name_prefix="fuse") as pool:
         try:
             hashes = {a.weights_file: pool.submit(sha256_file, a.weights_file) for a in srcs}
             for i, (name, fut) in enumerate(zip(all_modules, [pool.submit(one, n) for n in all_modules])):
@@ -231,10 +233,11 @@ def _fuse_module(method, sources: list, shape: tuple[int, int], p, name: str):
     """One 2-D module (a linear layer, an embedding or one expert): its factors and record."""
     result = run_method(method, sources, shape, p, name)
     factors = (np.asarray(result.a, np.float32), np.asarray(result.b, np.float32))
+    grams = geometry.JointGrams([*sources, factors])  # one pass over the factors for every figure
     return factors, {"rank": int(result.rank), "error": float(result.error),
-                     "fused_norm": geometry.lowrank_norm(factors),
-                     **geometry.module_geometry(sources, shape, name),
-                     **signals.module_signals(sources, factors, float(result.error))}
+                     "fused_norm": math.sqrt(max(grams.inner(len(sources), len(sources)), 0.0)),
+                     **geometry.module_geometry(sources, shape, name, grams=grams),
+                     **signals.module_signals(sources, factors, float(result.error), grams=grams)}
 
 
 def _fused_bias(srcs: list[Adapter], name: str, p, uses_weights: bool) -> np.ndarray | None:

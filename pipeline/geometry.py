@@ -4,8 +4,8 @@ A source is ``(A (r, in), B (out, r))`` with the scale folded into B (delta ``B 
 (delta 0), as in :mod:`pipeline.methods`.
 
 - norms and cosine similarities use the Frobenius inner product of low-rank products,
-  ``<B_1 A_1, B_2 A_2> = sum((B_1^T B_2) * (A_1 A_2^T))`` (r x r matrices, float64), never a
-  dense delta; a cosine involving a zero delta is ``None`` (no direction);
+  ``<B_1 A_1, B_2 A_2> = sum((B_1^T B_2) * (A_1 A_2^T))`` (r x r matrices, float64, blocks of
+  :class:`JointGrams`), never a dense delta; a cosine involving a zero delta is ``None`` (no direction);
 - the sign-conflict rate of two sources is the fraction of entries where both deltas are nonzero
   and their signs differ, among the entries where both are nonzero (``None`` when there are
   none, e.g. a missing module). Over all sources (``sign_conflict_all``): among entries where at
@@ -45,15 +45,68 @@ def lowrank_inner(s1, s2) -> float:
     return float(np.sum((b1.T @ b2) * (a1 @ a2.T)))
 
 
-def gram_matrix(sources: Sequence) -> np.ndarray:
-    """(n, n) float64 matrix of the deltas' Frobenius inner products (symmetric, PSD)."""
-    srcs = [_f64(s) for s in sources]
-    n = len(srcs)
-    g = np.zeros((n, n))
-    for i in range(n):
-        for j in range(i, n):
-            g[i, j] = g[j, i] = lowrank_inner(srcs[i], srcs[j])
-    return g
+class JointGrams:
+    """The Gram matrices of several low-rank deltas' stacked factors, in float64.
+
+    With ``S_B = [B_1 | .. | B_n]`` (out, R) and ``S_A = [A_1; ..; A_n]`` (R, in) over the present
+    pairs, ``gb = S_B^T S_B`` and ``ga = S_A S_A^T`` (R x R); their block (i, j) is ``B_i^T B_j``
+    and ``A_i A_j^T``. Every inner product of two of the deltas, ``sum(gb_ij * ga_ij)``, each
+    delta's thin SVD and the angles between their subspaces follow from these blocks in r x r
+    arithmetic (:mod:`pipeline.signals`): two Gram products of the stacked factors are the only
+    work that grows with the module's size. ``spans[i]`` is pair i's slice of rows and columns
+    (None for a missing pair)."""
+
+    def __init__(self, pairs: Sequence):
+        self.spans: list[slice | None] = []
+        self._inner: np.ndarray | None = None
+        r0 = 0
+        for p in pairs:
+            if p is None:
+                self.spans.append(None)
+                continue
+            r = p[0].shape[0]
+            self.spans.append(slice(r0, r0 + r))
+            r0 += r
+        present = [(p, sl) for p, sl in zip(pairs, self.spans) if sl is not None]
+        if not present:
+            self.gb = self.ga = np.zeros((0, 0))
+            return
+        out, fin = present[0][0][1].shape[0], present[0][0][0].shape[1]
+        # filled in place: float64 copies per pair and a concatenation cost four times as much
+        sb, sa = np.empty((out, r0)), np.empty((r0, fin))
+        for (a, b), sl in present:
+            sb[:, sl] = b
+            sa[sl] = a
+        self.gb = sb.T @ sb
+        self.ga = sa @ sa.T
+
+    def blocks(self, i: int, j: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(B_i^T B_j, A_i A_j^T)``."""
+        si, sj = self.spans[i], self.spans[j]
+        return self.gb[si, sj], self.ga[si, sj]
+
+    def inner_matrix(self) -> np.ndarray:
+        """(n, n) float64: ``<B_i A_i, B_j A_j>`` for every two pairs (0.0 where one is missing),
+        the block sums of ``gb * ga``."""
+        if self._inner is None:
+            ind = np.zeros((self.gb.shape[0], len(self.spans)))
+            for i, sl in enumerate(self.spans):
+                if sl is not None:
+                    ind[sl, i] = 1.0
+            self._inner = ind.T @ (self.gb * self.ga) @ ind
+        return self._inner
+
+    def inner(self, i: int, j: int) -> float:
+        """``<B_i A_i, B_j A_j>`` (0.0 if either pair is missing)."""
+        return float(self.inner_matrix()[i, j])
+
+
+def gram_matrix(sources: Sequence, grams: JointGrams | None = None) -> np.ndarray:
+    """(n, n) float64 matrix of the deltas' Frobenius inner products (symmetric, PSD).
+    ``grams``: the :class:`JointGrams` of a list that starts with ``sources``, if already made."""
+    n = len(sources)
+    g = (grams or JointGrams(sources)).inner_matrix()[:n, :n]
+    return (g + g.T) / 2.0
 
 
 def lowrank_norm(source) -> float:
@@ -136,11 +189,12 @@ def sign_conflicts(sources: Sequence, shape: tuple[int, int], name: str,
 
 
 def module_geometry(sources: Sequence, shape: tuple[int, int], name: str,
-                    max_rows: int | None = None) -> dict:
+                    max_rows: int | None = None, grams: JointGrams | None = None) -> dict:
     """``{"norms": [..], "cosine": [[..]], "sign_conflict": [[..]], "sign_conflict_all": x}``
-    for one module (lists indexed by source; None where undefined)."""
+    for one module (lists indexed by source; None where undefined). ``grams`` as for
+    :func:`gram_matrix`."""
     pair, overall = sign_conflicts(sources, shape, name, max_rows)
-    g = gram_matrix(sources)
+    g = gram_matrix(sources, grams)
     return {
         "norms": [math.sqrt(max(float(g[i, i]), 0.0)) for i in range(len(sources))],
         "cosine": _cosines(g),

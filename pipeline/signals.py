@@ -2,13 +2,16 @@
 
 A source is ``(A (r, in), B (out, r))`` with the scale folded into B (delta ``B @ A``) or None
 (delta 0), as in :mod:`pipeline.geometry`; the fused module is the same kind of pair. Nothing here
-forms a dense out x in matrix: every figure comes from QR of the factors and small r x r cores.
+forms a dense out x in matrix: every figure comes from the Gram matrices of the stacked factors
+(:class:`pipeline.geometry.JointGrams`, the one product that grows with the module) and r x r
+arithmetic on their blocks: each delta's thin SVD ``U = B xb``, ``V = A^T xa`` by
+:func:`factor_svd`, and products of singular vectors as ``xb_i^T (B_i^T B_j) xb_j``.
 
 Per module (:func:`module_signals`):
 
 - ``column_overlap`` / ``row_overlap`` (pairwise, sources): the principal angles between the
-  column spaces of the two deltas (spans of the B's) and between their row spaces (spans of the
-  A's); the overlap is the mean squared cosine of those angles, ``|Q_1^T Q_2|_F^2 / min(k_1, k_2)``
+  column spaces of the two deltas (spans of their left singular vectors, the B's when the A's
+  have full rank) and between their row spaces (right singular vectors); the overlap is the mean squared cosine of those angles, ``|Q_1^T Q_2|_F^2 / min(k_1, k_2)``
   (0 = orthogonal subspaces, 1 = one contains the other).
 - ``interference`` (sources): TSV-Merge's singular task interference (arXiv 2412.00081),
   ``|(U^T U - I) S (V^T V - I)|_1`` over the concatenated singular vectors ``U = [U_1 .. U_K]``,
@@ -37,110 +40,153 @@ from typing import Sequence
 
 import numpy as np
 
+from pipeline import geometry
+
 ALIGNMENT_ENERGY = 0.95  # the fused delta's dominant subspace holds this share of its energy
-RANK_TOL = 1e-9          # singular values below RANK_TOL * the largest are not directions
+RANK_TOL = 1e-6          # singular values below RANK_TOL * the largest are not directions
+ORTHO_TOL = 1e-11        # a Cholesky basis is used when orthonormal to this (else eigh)
 KEPT_WARNING = 0.25      # a source the fusion keeps less of than this is flagged
 COSINE_WARNING = -0.5    # two sources whose deltas have a cosine below this are flagged
 
 
-def _f64(source):
-    return None if source is None else tuple(np.asarray(x, np.float64) for x in source)
+def _half(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For a factor ``X`` (n, r) known only by its Gram matrix ``g = X^T X``: ``(F (r, k),
+    R (k, r))`` with ``Q = X F`` an orthonormal basis of its column space and ``X = Q R``
+    (up to the directions dropped as round-off).
+
+    Fast path: the Cholesky factor ``g = L L^T`` gives ``F = L^-T``, ``R = L^T``, kept when
+    ``Q^T Q = F^T g F`` is the identity to ``ORTHO_TOL`` (a well-conditioned factor, as trained
+    LoRA factors are). Otherwise ``g`` is scaled to unit diagonal (so columns of very different
+    norms do not hide one another) and ``eigh`` decides the directions: an eigenvalue counts when
+    its square root is above ``RANK_TOL`` times the largest (a Gram matrix carries round-off of
+    about 1e-16 of its largest eigenvalue, so this resolves singular values a hundred times below
+    the threshold)."""
+    r = g.shape[0]
+    try:
+        low = np.linalg.cholesky(g)
+        f = np.linalg.inv(low).T
+        check = f.T @ g @ f
+        check.flat[:: r + 1] -= 1.0
+        if np.abs(check).max() <= ORTHO_TOL:
+            return f, low.T
+    except np.linalg.LinAlgError:
+        pass
+    d = np.sqrt(np.clip(np.diag(g), 0.0, None))
+    live = d > 0
+    if not live.any():
+        return np.zeros((r, 0)), np.zeros((0, r))
+    dl = d[live]
+    lam, w = np.linalg.eigh(g[np.ix_(live, live)] / np.outer(dl, dl))
+    keep = lam > (RANK_TOL ** 2) * lam[-1]
+    lam, w = lam[keep][::-1], w[:, keep][:, ::-1]
+    root = np.sqrt(lam)
+    f = np.zeros((r, lam.size))
+    f[live] = w / (dl[:, None] * root)
+    rr = np.zeros((lam.size, r))
+    rr[:, live] = (w * root).T * dl
+    return f, rr
 
 
-def basis(m: np.ndarray) -> np.ndarray:
-    """Orthonormal basis (n, k) of the column space of ``m`` (n, r): QR, then the SVD of the r x r
-    triangle so that numerically dependent columns are dropped."""
-    if m.shape[1] == 0:
-        return m
-    q, r = np.linalg.qr(m)
-    u, s, _ = np.linalg.svd(r)
-    if not s.size or s[0] == 0:
-        return q[:, :0]
-    return q @ u[:, : int(np.sum(s > RANK_TOL * s[0]))]
+def factor_svd(gb: np.ndarray, ga: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Thin SVD of one delta ``B @ A`` from its Gram blocks ``gb = B^T B``, ``ga = A A^T``:
+    ``(xb (r, k), s (k,), xa (r, k))`` with ``U = B xb`` and ``V = A^T xa`` (orthonormal columns)
+    and ``B A = U diag(s) V^T``, without the negligible singular values (``RANK_TOL``)."""
+    fb, rb = _half(gb)
+    fa, ra = _half(ga)
+    r = gb.shape[0]
+    if not fb.shape[1] or not fa.shape[1]:
+        return np.zeros((r, 0)), np.zeros(0), np.zeros((r, 0))
+    u, s, vt = np.linalg.svd(rb @ ra.T, full_matrices=False)
+    k = int(np.sum(s > RANK_TOL * s[0])) if s[0] > 0 else 0
+    return fb @ u[:, :k], s[:k], fa @ vt[:k].T
 
 
-def lowrank_svd(source) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Thin SVD ``(U (out, k), s (k,), V (in, k))`` of ``B @ A`` from the factors (QR of B and of
-    A^T, SVD of the r x r core), without the negligible singular values."""
-    a, b = _f64(source)
-    qb, rb = np.linalg.qr(b)
-    qa, ra = np.linalg.qr(a.T)
-    u, s, vt = np.linalg.svd(rb @ ra.T)
-    keep = int(np.sum(s > RANK_TOL * s[0])) if s.size and s[0] > 0 else 0
-    return qb @ u[:, :keep], s[:keep], qa @ vt[:keep].T
+class _Singular:
+    """The thin SVDs of every pair of a :class:`~pipeline.geometry.JointGrams` and the products
+    of their singular vectors: with ``X_b = blockdiag(xb_i)``, ``M_b = X_b^T gb`` holds every
+    ``U_i^T B_j`` and ``UU = M_b X_b`` every ``U_i^T U_j`` (likewise ``VV`` for the V's), two
+    products in all instead of one per pair."""
+
+    def __init__(self, grams: geometry.JointGrams):
+        self.svds = [None if sl is None else factor_svd(grams.gb[sl, sl], grams.ga[sl, sl])
+                     for sl in grams.spans]
+        self.cols: list[slice | None] = []
+        c0 = 0
+        for x in self.svds:
+            self.cols.append(None if x is None else slice(c0, c0 + x[1].size))
+            c0 += 0 if x is None else x[1].size
+        rows = grams.gb.shape[0]
+        xb, xa = np.zeros((rows, c0)), np.zeros((rows, c0))
+        for x, sl, cl in zip(self.svds, grams.spans, self.cols):
+            if x is not None:
+                xb[sl, cl], xa[sl, cl] = x[0], x[2]
+        self.mb = xb.T @ grams.gb
+        self.uu = self.mb @ xb
+        self.vv = xa.T @ grams.ga @ xa
+
+    def overlaps(self, i: int, j: int) -> tuple[float | None, float | None]:
+        """Column and row overlap of deltas i and j: mean squared cosine of the principal angles,
+        ``|Q_i^T Q_j|_F^2 / min(k_i, k_j)``."""
+        ci, cj = self.cols[i], self.cols[j]
+        k = min(ci.stop - ci.start, cj.stop - cj.start)
+        if k == 0:
+            return None, None
+        return (float(np.clip(np.sum(self.uu[ci, cj] ** 2) / k, 0.0, 1.0)),
+                float(np.clip(np.sum(self.vv[ci, cj] ** 2) / k, 0.0, 1.0)))
+
+    def interference(self, n: int) -> float | None:
+        """TSV-Merge's singular task interference of the first ``n`` pairs (the sources), per
+        unit of singular value (``None`` with fewer than two present)."""
+        idx = [i for i in range(n) if self.svds[i] is not None and self.svds[i][1].size]
+        if len(idx) < 2:
+            return None
+        cols = np.concatenate([np.arange(self.cols[i].start, self.cols[i].stop) for i in idx])
+        uu, vv = self.uu[np.ix_(cols, cols)], self.vv[np.ix_(cols, cols)]
+        s = np.concatenate([self.svds[i][1] for i in idx])
+        uu.flat[:: s.size + 1] -= 1.0
+        vv.flat[:: s.size + 1] -= 1.0
+        return float(np.abs(uu @ (s[:, None] * vv)).sum() / s.sum())
 
 
-def overlap(q1: np.ndarray, q2: np.ndarray) -> float | None:
-    """Mean squared cosine of the principal angles between two subspaces (orthonormal bases)."""
-    k = min(q1.shape[1], q2.shape[1])
-    if k == 0:
-        return None
-    return float(np.clip(np.sum((q1.T @ q2) ** 2) / k, 0.0, 1.0))
-
-
-def principal_cosines(q1: np.ndarray, q2: np.ndarray) -> np.ndarray:
-    """Cosines of the principal angles between two subspaces, largest first."""
-    if min(q1.shape[1], q2.shape[1]) == 0:
-        return np.zeros(0)
-    return np.clip(np.linalg.svd(q1.T @ q2, compute_uv=False), 0.0, 1.0)
-
-
-def interference(svds: Sequence) -> float | None:
-    """TSV-Merge's singular task interference of the (U, s, V) of the present sources, per unit of
-    singular value (``None`` with fewer than two sources)."""
-    svds = [x for x in svds if x is not None and x[1].size]
-    if len(svds) < 2:
-        return None
-    u = np.concatenate([x[0] for x in svds], axis=1)
-    s = np.concatenate([x[1] for x in svds])
-    v = np.concatenate([x[2] for x in svds], axis=1)
-    eye = np.eye(s.size)
-    sti = np.abs((u.T @ u - eye) @ (s[:, None] * (v.T @ v - eye))).sum()
-    return float(sti / s.sum())
-
-
-def _inner(s1, s2) -> float:
-    return float(np.sum((s1[1].T @ s2[1]) * (s1[0] @ s2[0].T)))
-
-
-def module_signals(sources: Sequence, fused=None, error: float | None = None) -> dict:
+def module_signals(sources: Sequence, fused=None, error: float | None = None,
+                   grams: geometry.JointGrams | None = None) -> dict:
     """The signals of one module (see the module docstring); ``fused`` is the written ``(A, B)``
-    (None: only the sources' signals), ``error`` its re-factoring error."""
-    srcs = [_f64(s) for s in sources]
-    n = len(srcs)
-    cols = [None if s is None else basis(s[1]) for s in srcs]
-    rows = [None if s is None else basis(s[0].T) for s in srcs]
+    (None: only the sources' signals), ``error`` its re-factoring error. ``grams``: the
+    :class:`~pipeline.geometry.JointGrams` of ``[*sources, fused]`` (or of ``sources`` alone
+    when ``fused`` is None), if the caller already has it."""
+    n = len(sources)
+    pairs = [*sources, fused] if fused is not None else list(sources)
+    grams = grams or geometry.JointGrams(pairs)
+    sv = _Singular(grams)
     col_ov = [[None] * n for _ in range(n)]
     row_ov = [[None] * n for _ in range(n)]
     for i in range(n):
         for j in range(i, n):
-            if srcs[i] is None or srcs[j] is None:
-                continue
-            col_ov[i][j] = col_ov[j][i] = overlap(cols[i], cols[j])
-            row_ov[i][j] = row_ov[j][i] = overlap(rows[i], rows[j])
-    svds = [None if s is None else lowrank_svd(s) for s in srcs]
-    out = {"column_overlap": col_ov, "row_overlap": row_ov, "interference": interference(svds),
-           "source_energy": [0.0 if x is None else float(np.sum(x[1] ** 2)) for x in svds]}
+            if sv.svds[i] is not None and sv.svds[j] is not None:
+                col_ov[i][j], row_ov[i][j] = col_ov[j][i], row_ov[j][i] = sv.overlaps(i, j)
+    energy = [0.0 if x is None else float(np.sum(x[1] ** 2)) for x in sv.svds]
+    out = {"column_overlap": col_ov, "row_overlap": row_ov, "interference": sv.interference(n),
+           "source_energy": energy[:n]}
     if fused is None:
         return out
-    f = _f64(fused)
-    uf, sf, _ = lowrank_svd(f)
-    energy = np.cumsum(sf ** 2)
-    k = int(np.searchsorted(energy, ALIGNMENT_ENERGY * energy[-1]) + 1) if sf.size else 0
-    top = uf[:, :k]
+    sf = sv.svds[n][1]
+    cum = np.cumsum(sf ** 2)
+    k = int(np.searchsorted(cum, ALIGNMENT_ENERGY * cum[-1]) + 1) if sf.size else 0
+    top = sv.cols[n].start
+    inner = grams.inner_matrix()
     kept_num, aligned = [], []
-    for s, e in zip(srcs, out["source_energy"]):
-        if s is None or e == 0:
+    for i in range(n):
+        if sv.svds[i] is None or energy[i] == 0:
             kept_num.append(None)
             aligned.append(None)
             continue
-        kept_num.append(_inner(s, f))
-        p = top.T @ s[1]  # (k, r): the source's output directions in the fusion's top subspace
-        aligned.append(float(max(np.sum((p.T @ p) * (s[0] @ s[0].T)), 0.0)))
+        kept_num.append(float(inner[i, n]))
+        # the source's output directions in the fusion's top subspace: U_k^T B_i (k, r)
+        p = sv.mb[top:top + k, grams.spans[i]]
+        aligned.append(float(max(np.sum((p.T @ p) * grams.blocks(i, i)[1]), 0.0)))
     out.update({
-        "kept": [None if x is None else x / e for x, e in zip(kept_num, out["source_energy"])],
-        "alignment": [None if x is None else math.sqrt(min(x / e, 1.0))
-                      for x, e in zip(aligned, out["source_energy"])],
+        "kept": [None if x is None else x / e for x, e in zip(kept_num, energy)],
+        "alignment": [None if x is None else math.sqrt(min(x / e, 1.0)) for x, e in zip(aligned, energy)],
         "kept_inner": kept_num, "aligned_energy": aligned, "alignment_rank": k,
         "energy_kept": None if error is None else float(max(0.0, 1.0 - error ** 2)),
     })

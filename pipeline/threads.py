@@ -87,12 +87,14 @@ def _openblas_libs() -> list[tuple]:
 
 
 @contextmanager
-def blas_threads(n: int):
+def blas_threads(n: int, mlx: bool = True):
     """Run the block with OpenBLAS limited to ``n`` threads, then restore the previous counts.
-    The fast-BLAS shim is loaded first (``pipeline._blas``), so MLX's OpenBLAS is held down too."""
-    from pipeline import _blas
+    With ``mlx`` (a block that may run MLX), the fast-BLAS shim is loaded first
+    (``pipeline._blas``), so MLX's OpenBLAS is held down too; loading it costs about 0.05 s."""
+    if mlx:
+        from pipeline import _blas
 
-    _blas.enable()
+        _blas.enable()
     libs = _openblas_libs()
     before = [get() for _, get in libs]
     for set_, _ in libs:

@@ -47,19 +47,18 @@ def stack_factors(sources: Sequence, coeffs: Sequence[float], shape: tuple[int, 
     ac = np.empty((sum(ranks), fin), dtype)
     r0 = 0
     for (s, c), r in zip(present, ranks):
-        np.multiply(np.asarray(s[1], dtype=np.float64), c, out=bc[:, r0:r0 + r], casting="unsafe")
+        block = bc[:, r0:r0 + r]
+        block[...] = s[1]  # converted in place: no float64 temporary of the source
+        block *= c
         ac[r0:r0 + r] = s[0]
         r0 += r
     return bc, ac
 
 
-def _fix_signs(u: np.ndarray, vt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Flip component j of (u[:, j], vt[j]) so the largest-magnitude entry of vt[j] is positive."""
-    if vt.shape[0] == 0:
-        return u, vt
+def _signs(vt: np.ndarray) -> np.ndarray:
+    """+-1 per row of ``vt``: the sign that makes the row's largest-magnitude entry positive."""
     idx = np.argmax(np.abs(vt), axis=1)
-    sgn = np.where(vt[np.arange(vt.shape[0]), idx] < 0, -1.0, 1.0)
-    return u * sgn, vt * sgn[:, None]
+    return np.where(vt[np.arange(vt.shape[0]), idx] < 0, -1.0, 1.0)
 
 
 def zero_module(shape: tuple[int, int]) -> FusedModule:
@@ -78,9 +77,13 @@ def _keep_count(s: np.ndarray, rank: int | None, tol: float) -> tuple[int, int]:
 def _from_svd(u, s, vt, k: int, shape, error: float) -> FusedModule:
     if k == 0:
         return zero_module(shape)
-    u, vt = _fix_signs(u[:, :k], vt[:k])
-    b = (u * s[:k]).astype(np.float32)
-    return FusedModule(np.ascontiguousarray(vt, dtype=np.float32), np.ascontiguousarray(b), k, error)
+    sgn = _signs(vt[:k])
+    # b = U_k S_k with the signs, written straight into float32 (no float64 temporary of out x k)
+    b = np.empty((u.shape[0], k), np.float32)
+    np.multiply(u[:, :k], s[:k] * sgn, out=b, casting="same_kind")
+    a = np.empty((k, vt.shape[1]), np.float32)
+    np.multiply(vt[:k], sgn[:, None], out=a, casting="same_kind")
+    return FusedModule(a, b, k, error)
 
 
 def _cond(r: np.ndarray) -> float:
