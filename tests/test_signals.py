@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from pipeline import signals
+from pipeline import geometry, signals
 from pipeline.fuse import FusionSpec, fuse
 from conftest import make_mlx_adapter
 
@@ -132,3 +132,47 @@ def test_opposite_signs_on_the_same_directions_are_flagged(tmp_path):
         assert m["column_overlap"][0][1] == pytest.approx(1.0)
         assert m["kept"][0] < 0.1 and m["energy_kept"] == pytest.approx(1.0)
     assert record["signals"] == json.loads(json.dumps(sb))
+
+
+def _check_factor_svd(source, rank):
+    """factor_svd's U = B xb, s, V = A^T xa against the dense SVD of B @ A."""
+    a, b = source
+    grams = geometry.JointGrams([source])
+    xb, s, xa = signals.factor_svd(grams.gb, grams.ga)
+    u, v = b @ xb, a.T @ xa
+    want = np.linalg.svd(b @ a, compute_uv=False)
+    assert s.size == rank
+    np.testing.assert_allclose(s, want[:rank], rtol=1e-8)
+    np.testing.assert_allclose(u.T @ u, np.eye(rank), atol=1e-8)
+    np.testing.assert_allclose(v.T @ v, np.eye(rank), atol=1e-8)
+    np.testing.assert_allclose((u * s) @ v.T, b @ a, atol=1e-10 * want[0])
+
+
+def test_factor_svd_from_grams_on_well_and_ill_conditioned_factors():
+    """The Cholesky path (factors with condition number 10 and 1e4), the eigh path it falls back to
+    (a column 1e-9 of the largest, two equal columns, a zero column) and a delta whose A kills a
+    direction of B: each gives the delta's own SVD, without its zero directions (nor one below
+    RANK_TOL)."""
+    rng = np.random.default_rng(5)
+    a, b = rng.normal(size=(4, 30)), rng.normal(size=(20, 4))
+    _check_factor_svd((a, b), 4)
+    q, _ = np.linalg.qr(rng.normal(size=(20, 4)))
+    _check_factor_svd((a, q * np.array([1.0, 1e-2, 1e-3, 1e-4])), 4)
+    _check_factor_svd((a, q * np.array([1.0, 1e-2, 1e-4, 1e-9])), 3)  # below RANK_TOL: not a direction
+    _check_factor_svd((a, np.c_[b[:, :3], b[:, 2]]), 3)
+    _check_factor_svd((a, np.c_[b[:, :3], np.zeros(20)]), 3)
+    _check_factor_svd((np.r_[a[:3], a[2:3]], b), 3)
+    zero = geometry.JointGrams([(np.zeros((2, 30)), np.zeros((20, 2)))])
+    assert signals.factor_svd(zero.gb, zero.ga)[1].size == 0
+
+
+def test_joint_grams_give_every_inner_product_of_the_deltas():
+    srcs = [make_source(3, 1), None, make_source(5, 2), make_source(2, 3)]
+    grams = geometry.JointGrams(srcs)
+    ds = [np.zeros(SHAPE) if s is None else dense(s) for s in srcs]
+    np.testing.assert_allclose(grams.inner_matrix(), [[np.sum(x * y) for y in ds] for x in ds],
+                               rtol=1e-12, atol=1e-12)
+    gb, ga = grams.blocks(0, 2)
+    np.testing.assert_allclose(gb, srcs[0][1].T @ srcs[2][1], rtol=1e-12)
+    np.testing.assert_allclose(ga, srcs[0][0] @ srcs[2][0].T, rtol=1e-12)
+    assert grams.inner(1, 2) == 0.0
