@@ -89,6 +89,9 @@ def test_random_adapter_keeps_ranks_and_norms(tmp_path):
 
 def test_spearman_with_ties_and_direction():
     assert ranks([3.0, 1.0, 3.0, 2.0]) == [3.5, 1.0, 3.5, 2.0]
+    # round-off is not an order: figures equal to 1e-14 are ties, so the correlation cannot flip
+    assert ranks([1.0, 0.9999999999999998, 0.5, 1.0 + 1e-6]) == [2.5, 2.5, 1.0, 4.0]
+    assert spearman([1.0, 0.9999999999999998, 0.5], [1, 2, 0]) == spearman([0.9999999999999998, 1.0, 0.5], [1, 2, 0])
     assert spearman([1, 2, 3, 4], [10, 20, 30, 45]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     assert spearman([1, 1, 1], [1, 2, 3]) is None

@@ -24,6 +24,7 @@ import math
 from pipeline.methods.registry import METHODS
 
 MIN_POINTS = 4
+TIE_TOL = 1e-9  # figures that agree to this (relative) rank as ties
 MIN_RHO = 0.3   # a weaker rank correlation inside the source sets is no basis for a prediction
 
 # name -> (description, how to read it from a fusion's signals summary and geometry summary)
@@ -72,13 +73,16 @@ def signal_points(data: dict) -> list[dict]:
 
 
 def ranks(values: list[float]) -> list[float]:
-    """Ranks from 1, ties sharing their mean rank."""
+    """Ranks from 1, ties sharing their mean rank. Values within ``TIE_TOL`` (relative) of the
+    smallest of a run are ties: the signals carry round-off of about 1e-14, and two fusions that
+    both keep a source whole (alignment 1.0 and 0.9999999999999998) must not be ordered by it."""
     order = sorted(range(len(values)), key=lambda i: values[i])
     out = [0.0] * len(values)
     i = 0
     while i < len(order):
         j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+        first = values[order[i]]
+        while j + 1 < len(order) and values[order[j + 1]] - first <= TIE_TOL * max(1.0, abs(first)):
             j += 1
         for k in range(i, j + 1):
             out[order[k]] = (i + j) / 2 + 1
