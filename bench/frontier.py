@@ -27,7 +27,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from bench.bench import FLOOR, PY, ROOT, Row, fuse_cmd, measure  # noqa: E402
+from bench.bench import FLOOR, PY, Row, fuse_cmd, measure, run_env  # noqa: E402
 from bench.gen_adapters import SIZES, adapter_bytes, make_adapter  # noqa: E402
 
 # label -> (method, space, extra command-line arguments). Add a line per method or setting to time.
@@ -123,8 +123,7 @@ def main() -> None:
     for x in labels:
         if x not in CONFIGS:
             ap.error(f"unknown configuration {x!r} (known: {', '.join(CONFIGS)})")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env = run_env()
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
     work = Path(tempfile.mkdtemp(prefix="fusion-frontier-"))
     rows, alone = [], []

@@ -12,8 +12,6 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
 from pipeline.errors import FusionError, os_error_line
 from pipeline.methods.registry import method_help, method_list
@@ -28,9 +26,47 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-# Pipes and CI logs get wide tables instead of rich's 80-column default.
-out = Console(width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+
+
+class _Console:
+    """A rich Console made on first use: rich costs a twentieth of a second to import, and
+    ``fusion fuse`` in a pipe (a pipeline stage, a benchmark) prints two plain lines."""
+
+    def __init__(self, stderr: bool = False):
+        self._stderr, self._console = stderr, None
+
+    def rich(self):
+        """The rich Console itself."""
+        if self._console is None:
+            from rich.console import Console
+
+            stream = sys.stderr if self._stderr else sys.stdout
+            # pipes and CI logs get wide tables instead of rich's 80-column default
+            self._console = Console(stderr=self._stderr, width=None if stream.isatty() else 200)
+        return self._console
+
+    def __getattr__(self, name: str):
+        return getattr(self.rich(), name)
+
+
+out = _Console()
+err = _Console(stderr=True)
+
+
+def escape(text: str) -> str:
+    """``text`` with rich markup escaped (square brackets in paths are not markup)."""
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(text)
+
+
+def say(line: str) -> None:
+    """One plain line on stdout, without rich (nothing in it is markup)."""
+    print(line, flush=True)
+
+
+# rich's own switches that make a pipe count as a terminal
+_FORCE_TERMINAL = ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE")
 
 
 class Interrupted(BaseException):
@@ -68,11 +104,16 @@ def main() -> None:
 
 
 def progress_bar(description: str):
-    """A rich progress bar on stderr; returns (Progress, callback(done, total))."""
+    """A rich progress bar on stderr; returns (Progress, callback(done, total)). Where stderr is not
+    a terminal there is no bar to draw: a context that does nothing and no callback."""
+    if not sys.stderr.isatty() and not any(os.environ.get(v) for v in _FORCE_TERMINAL):
+        from contextlib import nullcontext
+
+        return nullcontext(), None
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TimeElapsedColumn(), console=err, transient=False, disable=not err.is_terminal)
+                   TimeElapsedColumn(), console=err.rich(), transient=False, disable=not err.is_terminal)
     task = bar.add_task(description, total=None)
 
     def update(done: int, total: int) -> None:
@@ -103,6 +144,8 @@ def parse_list(text: str | None, what: str):
 
 def parse_rules(rules: list[str] | None) -> list[dict]:
     """``--rule 'self_attn: {weights: [0.9, 0.1], density: 0.5}'`` -> [{match, ...}]."""
+    if not rules:
+        return []
     import yaml
 
     from pipeline.params import yaml_load
@@ -322,9 +365,8 @@ def fuse(
         record = run(adapters, out_dir, spec, progress=update, ignore_base=ignore_base, base=base)
     o = record["output"]
     for note in record["notes"]:
-        out.print(f"note: {escape(note)}", highlight=False)
-    out.print(f"wrote {out_dir}: {o['modules']} modules, rank {o['rank']}, "
-              f"max re-factoring error {o['max_error']:.2e}", highlight=False)
+        say(f"note: {note}")
+    say(f"wrote {out_dir}: {o['modules']} modules, rank {o['rank']}, max re-factoring error {o['max_error']:.2e}")
 
 
 @app.command()

@@ -4,6 +4,7 @@ the fast BLAS. Each check runs in a fresh interpreter (this one has imported eve
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -82,3 +83,32 @@ with blas_threads(1):
     print(json.dumps([pipeline._blas.active, "mlx" in sys.modules]))
 """)
     assert via_import == enabled_first and held_down == [enabled_first, False]
+
+
+def test_fuse_in_a_pipe_loads_neither_yaml_nor_rich(tmp_path):
+    """Where stdout and stderr are pipes (a pipeline stage, a benchmark) there is no bar to draw:
+    ``fusion fuse`` prints its two plain lines without importing rich, and reads no YAML when no
+    option needs it; the progress bar is there once stderr counts as a terminal."""
+    a, _ = make_mlx_adapter(tmp_path / "a", seed=1)
+    b, _ = make_mlx_adapter(tmp_path / "b", seed=2)
+    code = f"""
+import json, sys
+sys.argv = ["fusion", "fuse", {str(a)!r}, {str(b)!r}, "--out", sys.argv[1], "--rank", "4"]
+from pipeline.cli import main
+try:
+    main()
+except SystemExit as e:
+    assert not e.code, e.code
+print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in ("rich", "yaml"))))
+"""
+    for out, env in (("plain", {}), ("forced", {"FORCE_COLOR": "1"})):
+        r = subprocess.run([sys.executable, "-c", code, str(tmp_path / out)], capture_output=True, text=True,
+                           timeout=300, env={**os.environ, **env})
+        assert r.returncode == 0, r.stderr
+        assert (tmp_path / out / "adapters.safetensors").is_file()
+        loaded = json.loads(r.stdout.splitlines()[-1])
+        if env:  # rich's switch: stderr counts as a terminal, and the bar is drawn there
+            assert "rich.progress" in loaded and "fusing 2 adapters" in r.stderr
+        else:
+            assert loaded == [] and r.stderr == ""
+            assert r.stdout.splitlines()[0].startswith(f"wrote {tmp_path / out}: ")
