@@ -137,13 +137,16 @@ class Adapter:
         B (E, out, r); an embedding: out = vocabulary, in = dimension."""
         info = self.modules[module]
         f = self.open()
-        a, b = f.get(info.a_key), f.get(info.b_key)
+        # each a fresh C-contiguous array, transposed (where the layout stores it so) in the one copy
+        # from the file: a second, transposing copy costs five times as much as the first
         if info.kind == "embedding":
             # mlx: lora_a (V, r) = B, lora_b (r, D) = A; PEFT: lora_embedding_A (r, V) = B^T, _B (D, r) = A^T
-            a, b = (b, a) if self.layout == "mlx" else (b.T, a.T)
-        elif self.layout == "mlx" and info.kind == "linear":
-            a, b = a.T, b.T
-        return np.ascontiguousarray(a), np.ascontiguousarray(b), info.scale
+            peft = self.layout != "mlx"
+            b, a = f.get(info.a_key, transpose=peft), f.get(info.b_key, transpose=peft)
+        else:
+            t = self.layout == "mlx" and info.kind == "linear"
+            a, b = f.get(info.a_key, transpose=t), f.get(info.b_key, transpose=t)
+        return a, b, info.scale
 
     def magnitude(self, module: str) -> np.ndarray:
         """DoRA's magnitude vector of one module (out,), float32."""

@@ -117,12 +117,12 @@ def fuse(adapters: list[str | Path], out: str | Path | None, spec: FusionSpec | 
             ranks = [a.modules[name].rank for a in srcs if name in a.modules and a.modules[name].rank]
             p = replace(p, rank=max(ranks or [r for a in srcs for r in a.ranks]))
         if info.kind != "experts":
-            sources = [None if f is None else (f[0], f[1] * np.float32(f[2])) for f in loaded]
+            sources = [None if f is None else (f[0], _scaled(f[1], f[2])) for f in loaded]
             factors, rec = _fuse_module(method, sources, shape, p, name)
             return factors, _fused_bias(srcs, name, p, method.uses_weights(len(srcs))), {name: rec}
         parts, recs = [], {}
         for e in range(info.experts):
-            sources = [None if f is None else (f[0][e], f[1][e] * np.float32(f[2])) for f in loaded]
+            sources = [None if f is None else (f[0][e], _scaled(f[1][e], f[2])) for f in loaded]
             parts.append(_fuse_module(method, sources, shape, p, f"{name}[{e}]"))
             recs[f"{name}[{e}]"] = parts[-1][1]
         rank = max(a.shape[0] for (a, _), _ in parts)
@@ -227,6 +227,12 @@ def _source(a: Adapter, name: str, base_w) -> tuple[np.ndarray, np.ndarray, floa
     from pipeline.base_weights import as_factors, dense_delta
 
     return (*as_factors(dense_delta(a, name, base_w)), 1.0)
+
+
+def _scaled(b: np.ndarray, scale: float) -> np.ndarray:
+    """``b * scale`` in float32, in place: ``b`` is the fresh array :func:`_source` read."""
+    b *= np.float32(scale)
+    return b
 
 
 def _fuse_module(method, sources: list, shape: tuple[int, int], p, name: str):

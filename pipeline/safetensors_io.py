@@ -149,13 +149,14 @@ class SafetensorsFile:
         buf = self._map[info.start:info.end]
         return buf.view(_DTYPES[info.dtype]).reshape(info.shape)
 
-    def get(self, name: str, dtype=np.float32) -> np.ndarray:
-        """The tensor converted to ``dtype`` (a fresh array, safe after the file is closed)."""
+    def get(self, name: str, dtype=np.float32, transpose: bool = False) -> np.ndarray:
+        """The tensor converted to ``dtype`` (a fresh C-contiguous array, safe after the file is
+        closed); ``transpose``: the transpose of a 2-D tensor, copied once from the file."""
         info = self.tensors[name]
         arr = self.raw(name)
         if info.dtype == "BF16":
             arr = (arr.astype(np.uint32) << 16).view(np.float32)
-        return np.array(arr, dtype=dtype)
+        return np.array(arr.T if transpose else arr, dtype=dtype, order="C")
 
     def check_finite(self, name: str) -> bool:
         """Whether tensor ``name`` holds no NaN or Inf."""
