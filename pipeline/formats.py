@@ -96,6 +96,7 @@ class Adapter:
     extra_tensors: list[str] = field(default_factory=list)  # names that are not LoRA factors
     ignored_tensors: list[str] = field(default_factory=list)  # PEFT's *.base_layer.weight (base weights)
     _file: SafetensorsFile | None = field(default=None, repr=False)
+    sha256: str | None = field(default=None, repr=False)  # of weights_file, once check_finite(digest=True) ran
 
     @property
     def name(self) -> str:
@@ -176,9 +177,17 @@ class Adapter:
                 out["modules_to_save"] = out.get("modules_to_save", 0) + 1
         return out
 
-    def check_finite(self) -> list[str]:
-        """Names of tensors holding NaN or Inf (one sequential read of the weights file)."""
-        return self.open().nonfinite()
+    def check_finite(self, digest: bool = False) -> list[str]:
+        """Names of tensors holding NaN or Inf (one sequential read of the weights file); with
+        ``digest``, the same read also sets ``sha256`` (the weights file's)."""
+        if not digest:
+            return self.open().nonfinite()
+        import hashlib
+
+        h = hashlib.sha256()
+        bad = self.open().nonfinite(hasher=h)
+        self.sha256 = h.hexdigest()
+        return bad
 
 
 def find_weights(path: Path) -> tuple[str, Path]:

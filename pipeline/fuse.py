@@ -88,7 +88,7 @@ def fuse(adapters: list[str | Path], out: str | Path | None, spec: FusionSpec | 
     spec = spec or FusionSpec()
     check_spec(spec, len(adapters))
     method = get_method(spec.method)
-    checked = validate(adapters, out, ignore_base=ignore_base, space=spec.space, base=base)
+    checked = validate(adapters, out, ignore_base=ignore_base, space=spec.space, base=base, digest=True)
     srcs = checked.adapters
     base_w = None
     if any(m.needs_base for a in srcs for m in a.modules.values()):
@@ -140,7 +140,8 @@ def fuse(adapters: list[str | Path], out: str | Path | None, spec: FusionSpec | 
     # no MLX product runs here (a base model for DoRA is loaded before), so its OpenBLAS is not loaded
     with blas_threads(blas_thread_count(), mlx=False), ThreadPoolExecutor(workers, thread_name_prefix="fuse") as pool:
         try:
-            hashes = {a.weights_file: pool.submit(sha256_file, a.weights_file) for a in srcs}
+            # the digests came with validation's read of the values
+            hashes = {a.weights_file: a.sha256 or pool.submit(sha256_file, a.weights_file) for a in srcs}
             for i, (name, fut) in enumerate(zip(all_modules, [pool.submit(one, n) for n in all_modules])):
                 fused[name], bias, recs = fut.result()
                 per_module.update(recs)
@@ -148,7 +149,7 @@ def fuse(adapters: list[str | Path], out: str | Path | None, spec: FusionSpec | 
                     biases[name] = bias
                 if progress:
                     progress(i + 1, len(all_modules))
-            hashes = {k: f.result() for k, f in hashes.items()}
+            hashes = {k: f if isinstance(f, str) else f.result() for k, f in hashes.items()}
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)
             raise

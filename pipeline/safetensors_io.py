@@ -28,6 +28,7 @@ _DTYPES = {
 _MAX_HEADER = 100 * 1024 * 1024
 _FLOATS = ("F64", "F32", "F16", "BF16")
 SCAN_CHUNK = 1 << 22  # bytes per read of the NaN/Inf scan
+HASH_BATCH = 1 << 23  # bytes written between two hand-overs to the hashing thread
 
 
 @dataclass(frozen=True)
@@ -163,8 +164,10 @@ class SafetensorsFile:
         info = self.tensors[name]
         return _finite(self.raw(name), info.dtype)
 
-    def nonfinite(self, chunk: int = SCAN_CHUNK) -> list[str]:
+    def nonfinite(self, chunk: int = SCAN_CHUNK, hasher=None) -> list[str]:
         """Names (sorted) of the tensors holding NaN or Inf, in one sequential pass over the data.
+        ``hasher`` (a ``hashlib`` object): every byte of the file is read in order and fed to it, so
+        the same pass gives the file's digest.
 
         The bytes are read with plain large reads in file order rather than through the memory
         map: on a cold cache, page faults on a mapping read a fraction as fast as sequential reads
@@ -172,21 +175,40 @@ class SafetensorsFile:
         with a max and a min (NaN propagates through both, Inf shows in one of them)."""
         bad = []
         buf = np.empty(chunk, np.uint8)
+        pos = 0
+
+        def read(f, n: int, what: str) -> np.ndarray:
+            view = buf[:n]
+            if f.readinto(memoryview(view)) != n:
+                raise FusionError(f"{self.path}: truncated while reading {what}")
+            if hasher is not None:
+                hasher.update(view)
+            return view
+
         try:
             with open(self.path, "rb", buffering=0) as f:
                 for info in sorted(self.tensors.values(), key=lambda t: t.start):
-                    if info.dtype not in _FLOATS:
+                    if info.dtype not in _FLOATS and hasher is None:
                         continue
-                    f.seek(info.start)
+                    if hasher is None:
+                        f.seek(info.start)
+                    else:  # the header and any bytes between tensors
+                        for at in range(pos, info.start, chunk):
+                            read(f, min(chunk, info.start - at), "its header")
+                    pos = info.end
                     step = chunk - chunk % np.dtype(_DTYPES[info.dtype]).itemsize
-                    for pos in range(info.start, info.end, step):
-                        n = min(step, info.end - pos)
-                        view = buf[:n]
-                        if f.readinto(memoryview(view)) != n:
-                            raise FusionError(f"{self.path}: truncated while reading tensor {info.name!r}")
-                        if not _finite(view.view(_DTYPES[info.dtype]), info.dtype):
+                    failed = False
+                    for at in range(info.start, info.end, step):
+                        view = read(f, min(step, info.end - at), f"tensor {info.name!r}")
+                        if info.dtype in _FLOATS and not failed and not _finite(
+                                view.view(_DTYPES[info.dtype]), info.dtype):
                             bad.append(info.name)
-                            break
+                            failed = True
+                            if hasher is None:
+                                break
+                if hasher is not None:
+                    while block := f.read(chunk):
+                        hasher.update(block)
         except OSError as e:
             raise FusionError(f"{self.path}: cannot read ({e.strerror})") from None
         return sorted(bad)
@@ -223,8 +245,9 @@ def write_file(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, s
     ``dtypes`` may ask for "BF16"/"F16" per name.
 
     The header is computed from shapes and dtypes first, then each tensor is converted and written
-    in turn, so at most one converted tensor exists besides the inputs (arrays may be views, e.g.
-    transposes: each is made contiguous only while it is written)."""
+    in turn, so that besides the inputs only the converted tensors of two batches of ``HASH_BATCH``
+    bytes are held while a second thread hashes them (arrays may be views, e.g. transposes: each
+    is made contiguous only when it is written)."""
     names = sorted(tensors)
     dtypes = dtypes or {}
     header: dict = {}
@@ -246,10 +269,10 @@ def write_file(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, s
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     h = hashlib.sha256()
-    with open(path, "wb") as f:
+    with open(path, "wb") as f, _Digest(h) as digest:
         for part in (struct.pack("<Q", len(raw)), raw):
             f.write(part)
-            h.update(part)
+            digest.add(part)
         for name in names:
             arr = tensors[name]
             want = dtypes.get(name)
@@ -260,5 +283,44 @@ def write_file(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, s
             if data.size:
                 view = memoryview(data.reshape(-1)).cast("B")
                 f.write(view)
-                h.update(view)
+                digest.add(view)
     return h.hexdigest()
+
+
+class _Digest:
+    """Feeds written bytes to a hashlib object on a second thread, in order, in batches of about
+    ``HASH_BATCH`` bytes (hashlib releases the GIL), while the next tensors are converted and
+    written: at most two batches are held for it."""
+
+    def __init__(self, h):
+        self.h, self.batch, self.size, self.pending, self.pool = h, [], 0, None, None
+
+    def __enter__(self):
+        return self
+
+    def add(self, part) -> None:
+        self.batch.append(part)
+        self.size += len(part)
+        if self.size >= HASH_BATCH:
+            self._submit()
+
+    def _submit(self) -> None:
+        if self.pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.pool = ThreadPoolExecutor(1, thread_name_prefix="digest")
+        if self.pending is not None:
+            self.pending.result()
+        parts, self.batch, self.size = self.batch, [], 0
+        self.pending = self.pool.submit(lambda: [self.h.update(p) for p in parts])
+
+    def __exit__(self, kind, value, tb) -> None:
+        try:
+            if kind is None:
+                if self.pending is not None:
+                    self.pending.result()
+                for part in self.batch:
+                    self.h.update(part)
+        finally:
+            if self.pool is not None:
+                self.pool.shutdown(wait=True)

@@ -27,8 +27,12 @@ def _same_base(a: str, b: str) -> bool:
 
 
 def validate(paths: list[str | Path], out: str | Path | None = None, *, check_data: bool = True,
-             ignore_base: bool = False, space: str = "delta", base: str | Path | None = None) -> Validation:
-    """Check adapters for fusion; raise one FusionError listing every problem (one per line)."""
+             ignore_base: bool = False, space: str = "delta", base: str | Path | None = None,
+             digest: bool = False) -> Validation:
+    """Check adapters for fusion; raise one FusionError listing every problem (one per line).
+    ``digest`` (with ``check_data``): the read that checks the values also sets each adapter's
+    ``sha256``. The weights files are read on parallel threads (the reads, the checks and the
+    digest release the GIL)."""
     problems: list[str] = []
     adapters: list[Adapter] = []
     if len(paths) < 2:
@@ -37,14 +41,27 @@ def validate(paths: list[str | Path], out: str | Path | None = None, *, check_da
     for i, p in enumerate(paths):
         if resolved[i] in resolved[:i]:
             problems.append(f"{p}: the same adapter is given twice")
+    read: list[Adapter | FusionError] = []
     for p in paths:
         try:
-            a = read_adapter(p)  # refuses what cannot be fused (DoRA, unusable tensors, ...)
+            read.append(read_adapter(p))  # refuses what cannot be fused (DoRA, unusable tensors, ...)
         except FusionError as e:
-            problems.append(str(e))
+            read.append(e)
+    found = [a for a in read if isinstance(a, Adapter)]
+    scans: dict[int, list[str]] = {}
+    if check_data and found:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from pipeline.threads import worker_count
+
+        with ThreadPoolExecutor(min(len(found), worker_count())) as pool:
+            scans = dict(zip(map(id, found), pool.map(lambda a: a.check_finite(digest=digest), found)))
+    for a in read:
+        if isinstance(a, FusionError):
+            problems.append(str(a))
             continue
         if check_data:
-            bad = a.check_finite()
+            bad = scans[id(a)]
             if bad:
                 problems.append(f"{a.weights_file}: tensor {bad[0]!r} holds NaN or Inf values"
                                 + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))

@@ -1,5 +1,6 @@
 """Reading and writing adapters: mlx-lm and PEFT layouts, bf16, conversion, broken files."""
 
+import hashlib
 import json
 
 import numpy as np
@@ -172,7 +173,29 @@ def test_nonfinite_scan_reads_in_chunks(tmp_path, dtype, where):
     want = [bad[0]] if bad else []
     for chunk in (64, 96, 1 << 22):
         assert f.nonfinite(chunk) == want
+        h = hashlib.sha256()  # the same pass, reading every byte, gives the file's digest
+        assert f.nonfinite(chunk, hasher=h) == want
+        assert h.hexdigest() == hashlib.sha256((tmp_path / "x.safetensors").read_bytes()).hexdigest()
     assert [n for n in sorted(f.tensors) if not f.check_finite(n)] == want
+
+
+def test_validation_digests_the_inputs_in_its_read(tmp_path):
+    """``validate(digest=True)`` gives each adapter the sha256 of its weights file, the figure a
+    fusion records, without a second read; NaN in one input is still named."""
+    from pipeline.validate import validate
+
+    a, _ = make_mlx_adapter(tmp_path / "a", seed=1)
+    b, _ = make_mlx_adapter(tmp_path / "b", seed=2)
+    got = validate([a, b], digest=True).adapters
+    assert [x.sha256 for x in got] == [hashlib.sha256((p / "adapters.safetensors").read_bytes()).hexdigest()
+                                       for p in (a, b)]
+    assert all(x.sha256 is None for x in validate([a, b]).adapters)
+    f = SafetensorsFile(b / "adapters.safetensors")
+    tensors = {n: f.get(n) for n in f.tensors}
+    tensors["model.layers.0.mlp.down_proj.lora_a"][2, 1] = np.nan
+    write_file(b / "adapters.safetensors", tensors)
+    with pytest.raises(FusionError, match="down_proj.lora_a. holds NaN"):
+        validate([a, b], digest=True)
 
 
 def test_writer_streams_views_and_returns_the_hash(tmp_path):

@@ -185,13 +185,12 @@ def test_core_space_is_invariant_to_sign_flips_of_the_basis(monkeypatch, sources
     p = params(method, density=0.5, seed=2)
     want = product(fuse_module(sources, SHAPE, method, p, NAME))
     rng = np.random.default_rng(9)
-    plain = core_space.bases
+    plain = core_space.basis_pair
 
-    def flipped(srcs):
-        q_b, q_a = plain(srcs)
-        return q_b * rng.choice([-1.0, 1.0], q_b.shape[1]), q_a * rng.choice([-1.0, 1.0], q_a.shape[1])
+    def flipped(*stacks):
+        return tuple(q.times(np.diag(rng.choice([-1.0, 1.0], q.q.shape[1]))) for q in plain(*stacks))
 
-    monkeypatch.setattr(core_space, "bases", flipped)
+    monkeypatch.setattr(core_space, "basis_pair", flipped)
     close(product(fuse_module(sources, SHAPE, method, p, NAME)), want, tol=1e-6)
 
 
@@ -199,14 +198,13 @@ def test_core_space_is_invariant_to_sign_flips_of_the_basis(monkeypatch, sources
 def test_deterministic_methods_are_invariant_to_permutations_of_the_basis(monkeypatch, sources, method):
     p = params(method, density=0.4)
     want = product(fuse_module(sources, SHAPE, method, p, NAME))
-    plain = core_space.bases
+    plain = core_space.basis_pair
 
-    def permuted(srcs):
-        q_b, q_a = plain(srcs)
+    def permuted(*stacks):
         rng = np.random.default_rng(4)
-        return q_b[:, rng.permutation(q_b.shape[1])], q_a[:, rng.permutation(q_a.shape[1])]
+        return tuple(q.times(np.eye(q.q.shape[1])[:, rng.permutation(q.q.shape[1])]) for q in plain(*stacks))
 
-    monkeypatch.setattr(core_space, "bases", permuted)
+    monkeypatch.setattr(core_space, "basis_pair", permuted)
     close(product(fuse_module(sources, SHAPE, method, p, NAME)), want, tol=1e-6)
 
 
@@ -214,9 +212,10 @@ def test_another_basis_of_the_same_spans_changes_ties(monkeypatch, sources):
     """QR bases span the same spaces but give another TIES result: the SVD bases are the definition."""
     p = params("ties", density=0.3)
     want = product(fuse_module(sources, SHAPE, "ties", p, NAME))
-    plain = core_space.bases
+    plain = core_space.basis_pair
     rotation = [np.linalg.qr(np.random.default_rng(i).normal(size=(11, 11)))[0] for i in (1, 2)]
-    monkeypatch.setattr(core_space, "bases", lambda srcs: tuple(q @ g for q, g in zip(plain(srcs), rotation)))
+    monkeypatch.setattr(core_space, "basis_pair",
+                        lambda *stacks: tuple(q.times(g) for q, g in zip(plain(*stacks), rotation)))
     got = product(fuse_module(sources, SHAPE, "ties", p, NAME))
     assert np.linalg.norm(got - want) / np.linalg.norm(want) > 0.05
 
@@ -377,6 +376,27 @@ def test_left_singular_vectors_are_the_svds_up_to_signs(case):
     keep = s > 1e-10 * s[0]                # null directions of a rank-deficient x are arbitrary
     np.testing.assert_allclose(np.abs(np.sum(u[:, keep] * want[:, keep], axis=0)), 1.0, rtol=0, atol=1e-10)
     np.testing.assert_allclose(u.T @ u, np.eye(u.shape[1]), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("case", ["well-conditioned", "rank-deficient", "wide"])
+def test_a_basis_known_by_its_gram_matrix_acts_as_the_formed_one(case):
+    """The cores' products ``Q^T x_cols`` and the mapping back ``Q m`` agree with the formed ``Q``
+    on both paths: the Gram map (well-conditioned) and the SVD (anything else)."""
+    rng = np.random.default_rng(8)
+    x = {"well-conditioned": rng.normal(size=(40, 6)),
+         "rank-deficient": np.hstack([rng.normal(size=(40, 3))] * 2),
+         "wide": rng.normal(size=(5, 9))}[case]
+    basis = core_space.Basis(x)
+    assert (basis.w is not None) == (case == "well-conditioned")
+    q = basis.q
+    want, _, _ = np.linalg.svd(x, full_matrices=False)
+    assert q.shape == want.shape
+    cols = slice(1, 4)
+    np.testing.assert_allclose(basis.t_cols(cols), q.T @ x[:, cols], rtol=0, atol=1e-10)
+    m = rng.normal(size=(q.shape[1], 3))
+    np.testing.assert_allclose(basis.apply(m), q @ m, rtol=0, atol=1e-10)
+    g = np.linalg.qr(rng.normal(size=(q.shape[1],) * 2))[0]
+    np.testing.assert_allclose(basis.times(g).q, q @ g, rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "della", "breadcrumbs_ties"])
