@@ -2,9 +2,11 @@
 
 For the Llama-3.2-1B-shaped rank-16 pair (and the Llama-3.1-8B one with ``--sizes 1b,8b``), from
 bench/gen_adapters.py, it runs the I/O floor (bench/bench.py's: read the inputs, write an output of the
-fused size) and each configuration of ``CONFIGS`` as separate processes, ``--runs`` times each, and prints
-the median wall time, its ratio to the floor, the peak memory and the largest re-factoring error the fuse
-recorded (every fuse asks for ``--rank 16``, as bench/bench.py does). Uses bench/bench.py's helpers.
+fused size) and each configuration of ``CONFIGS`` as separate processes, ``--runs`` times each, every run
+of a configuration followed by a run of the floor, and prints the median wall time, its ratio to the
+median of those interleaved floor runs (the machine's load drifts between configurations), the peak
+memory and the largest re-factoring error the fuse recorded (every fuse asks for ``--rank 16``, as
+bench/bench.py does). Uses bench/bench.py's helpers.
 Then the math alone: each configuration's ``fuse_module`` over every module on one thread, in CPU
 seconds (the steady figure when other jobs share the machine).
 
@@ -54,19 +56,23 @@ def run(size: str, n: int, labels: list[str], runs: int, cache: Path, env: dict,
           flush=True)
     floor_py = work / "floor.py"
     floor_py.write_text(FLOOR)
-    floor = measure(Row(size, n, "I/O floor"), [PY, str(floor_py), str(work / "floor.safetensors"),
-                                                *[str(p / "adapters.safetensors") for p in paths]], runs, env)
-    print(f"  {'I/O floor':18s} {floor.wall:6.2f} s", flush=True)
+    floor_cmd = [PY, str(floor_py), str(work / "floor.safetensors"), *[str(p / "adapters.safetensors") for p in paths]]
+    floor = measure(Row(size, n, "I/O floor"), floor_cmd, runs, env)
+    print(f"  {'I/O floor':18s} {floor.wall:6.2f} s  (before the configurations; each ratio below is to the "
+          "floor runs interleaved with its own)", flush=True)
     rows = []
     for label in labels:
         method, space, extra = CONFIGS[label]
         out = work / "out"
-        r = measure(Row(size, n, f"fuse {label}", space), fuse_cmd(paths, out, method, space) + extra, runs, env)
+        r, fl = Row(size, n, f"fuse {label}", space), Row(size, n, "I/O floor")
+        for _ in range(runs):  # fuse and floor in turn: a ratio of two medians measured side by side
+            measure(r, fuse_cmd(paths, out, method, space) + extra, 1, env)
+            measure(fl, floor_cmd, 1, env)
         err = json.loads((out / "fusion.json").read_text())["output"]["max_error"]
-        ratio = r.wall / floor.wall
+        ratio = r.wall / fl.wall
         rows.append((size, n, label, r.wall, ratio, statistics.median(r.cpu), r.peak_mb, err))
-        print(f"  {label:18s} {r.wall:6.2f} s  x{ratio:5.2f} floor  CPU {statistics.median(r.cpu):5.2f} s  "
-              f"{r.peak_mb:5.0f} MB  max error {err:.3f}  "
+        print(f"  {label:18s} {r.wall:6.2f} s  x{ratio:5.2f} floor ({fl.wall:.2f} s)  CPU "
+              f"{statistics.median(r.cpu):5.2f} s  {r.peak_mb:5.0f} MB  max error {err:.3f}  "
               f"{'within' if ratio <= TARGET[size] else 'ABOVE'} {TARGET[size]:.0f}x", flush=True)
     return [(size, n, "I/O floor", floor.wall, 1.0, statistics.median(floor.cpu), floor.peak_mb, None)] + rows
 
