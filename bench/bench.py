@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,8 +110,7 @@ def run_env() -> dict:
     bytecode cache on, as on any installed copy. Some machines set PYTHONDONTWRITEBYTECODE (this
     project's CI does): every ``fusion`` command would then compile the project's modules again,
     about 0.07 s of a 1B fuse, which no user pays. The modules are compiled here once, first."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env = with_tree(dict(os.environ), ROOT)
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     subprocess.run([PY, "-m", "compileall", "-q", str(ROOT / "pipeline")], env=env, check=True,
                    stdout=subprocess.DEVNULL)
@@ -227,17 +227,29 @@ def thread_rows(args, env: dict, work: Path) -> list[Row]:
     return rows
 
 
+@contextmanager
+def revision_tree(rev: str, where: Path):
+    """``(tree, short hash)``: git revision ``rev`` checked out into ``where`` (a temporary
+    worktree), removed after."""
+    subprocess.run(["git", "worktree", "add", "--detach", str(where), rev], cwd=ROOT, check=True,
+                   capture_output=True)
+    try:
+        yield where, subprocess.run(["git", "rev-parse", "--short", rev], cwd=ROOT, capture_output=True,
+                                    text=True).stdout.strip()
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(where)], cwd=ROOT, capture_output=True)
+
+
+def with_tree(env: dict, tree: Path) -> dict:
+    """``env`` with the package of ``tree`` first on PYTHONPATH."""
+    return dict(env, PYTHONPATH=str(tree) + os.pathsep + env.get("PYTHONPATH", ""))
+
+
 def baseline_rows(args, env: dict, work: Path) -> list[Row]:
     """The same commands run with the package of git revision ``args.baseline`` (a temporary
     worktree first on PYTHONPATH)."""
-    tree = work / "baseline"
-    subprocess.run(["git", "worktree", "add", "--detach", str(tree), args.baseline], cwd=ROOT, check=True,
-                   capture_output=True)
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", args.baseline], cwd=ROOT, capture_output=True,
-                             text=True).stdout.strip()
-        e = dict(env)
-        e["PYTHONPATH"] = str(tree) + os.pathsep + env.get("PYTHONPATH", "")
+    with revision_tree(args.baseline, work / "baseline") as (tree, rev):
+        e = with_tree(env, tree)
         paths = [make_adapter(args.cache / f"1b-{i}", "1b", i).resolve() for i in range(2)]
         rows = []
         print(f"\nbaseline {args.baseline} ({rev}), 1b pair", flush=True)
@@ -247,8 +259,6 @@ def baseline_rows(args, env: dict, work: Path) -> list[Row]:
             rows.append(r)
             print(f"  {method:8s} {space:8s} {r.wall:7.2f} s  CPU {statistics.median(r.cpu):6.2f} s", flush=True)
         return rows
-    finally:
-        subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, capture_output=True)
 
 
 def machine() -> dict:

@@ -45,7 +45,7 @@ def modules(paths, spec: FusionSpec):
         sources = []
         for a in srcs:
             A, B, s = a.factors(name)
-            sources.append((np.array(A), np.array(B) * np.float32(s)))
+            sources.append((A, B * np.float32(s)))  # fresh arrays, as fuse reads them
         p = module_params(spec, name, info.layer, n_layers, len(srcs))
         check_params(spec.method, len(srcs), p)
         out.append((name, (info.out_features, info.in_features), sources, p))

@@ -15,26 +15,18 @@ environment (``PYTHONDONTWRITEBYTECODE``) would.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from bench.bench import FLOOR, PY, ROOT, RANK, run_env  # noqa: E402
+from bench.bench import FLOOR, PY, RANK, ROOT, revision_tree, run_env, run_measured, with_tree  # noqa: E402
 from bench.gen_adapters import make_adapter  # noqa: E402
-
-
-def timed(cmd: list[str], env: dict, cwd: Path | None = None) -> float:
-    t = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env, cwd=cwd)
-    return time.perf_counter() - t
 
 
 def main() -> None:
@@ -50,21 +42,19 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=HERE / ".cache")
     args = ap.parse_args(argv)
     paths = [make_adapter(args.cache / f"{args.size}-{i}", args.size, i) for i in range(2)]
-    work = Path(tempfile.mkdtemp(prefix="fusion-side-"))
-    tree = work / "rev"
-    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(tree), args.rev], check=True)
-    try:
+    with tempfile.TemporaryDirectory(prefix="fusion-side-") as tmp, \
+            revision_tree(args.rev, Path(tmp) / "rev") as (tree, rev):
+        work = Path(tmp)
         env = run_env()
-        old = dict(env, PYTHONPATH=str(tree) + os.pathsep + env.get("PYTHONPATH", ""))
+        old = with_tree(env, tree)
         plain = work / "rev-plain"  # the revision's sources with no compiled modules beside them
         shutil.copytree(tree / "pipeline", plain / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
         subprocess.run([PY, "-m", "compileall", "-q", str(tree / "pipeline")], env=old, check=True,
                        stdout=subprocess.DEVNULL)
-        variants = {"this checkout": (env, ROOT), args.rev: (old, tree)}
+        variants = {"this checkout": (env, ROOT), f"{args.rev} ({rev})": (old, tree)}
         if args.no_bytecode_cache:
-            variants[f"{args.rev}, no bytecode cache"] = (
-                dict(env, PYTHONDONTWRITEBYTECODE="1", PYTHONPATH=str(plain) + os.pathsep + env.get("PYTHONPATH", "")),
-                plain)
+            variants[f"{args.rev}, no bytecode cache"] = (dict(with_tree(env, plain), PYTHONDONTWRITEBYTECODE="1"),
+                                                          plain)
         out = work / "out"
         fuse = [PY, "-m", "pipeline.cli", "fuse", *map(str, paths), "--out", str(out), "--rank", str(RANK), *extra]
         floor_py = work / "floor.py"
@@ -74,16 +64,13 @@ def main() -> None:
         for _ in range(args.rounds):
             for name, (e, cwd) in variants.items():
                 shutil.rmtree(out, ignore_errors=True)
-                walls[name].append(timed(fuse, e, cwd))
-            walls["I/O floor"].append(timed(floor, env))
-        f = statistics.median(walls["I/O floor"])
-        print(f"{args.size} pair, fusion fuse {' '.join(extra)} --rank {RANK}, {args.rounds} rounds:")
-        for name, w in walls.items():
-            print(f"  {name:32s} median {statistics.median(w):.3f} s  min {min(w):.3f} s  "
-                  f"x{statistics.median(w) / f:.2f} the floor")
-    finally:
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
-        shutil.rmtree(work, ignore_errors=True)
+                walls[name].append(run_measured(fuse, e, cwd)[0])
+            walls["I/O floor"].append(run_measured(floor, env)[0])
+    f = statistics.median(walls["I/O floor"])
+    print(f"{args.size} pair, fusion fuse {' '.join(extra)} --rank {RANK}, {args.rounds} rounds:")
+    for name, w in walls.items():
+        print(f"  {name:32s} median {statistics.median(w):.3f} s  min {min(w):.3f} s  "
+              f"x{statistics.median(w) / f:.2f} the floor")
 
 
 if __name__ == "__main__":

@@ -20,11 +20,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 FUSION = str(Path(PY).parent / "fusion")
+sys.path.insert(0, str(ROOT))
+
+from bench.bench import revision_tree  # noqa: E402
 
 
 def tiny_adapters(where: Path) -> list[str]:
@@ -86,18 +90,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fusion-startup-") as tmp:
         work = Path(tmp)
         adapters = tiny_adapters(work)
-        tree, rev = None, ""
-        if args.baseline:
-            tree = work / "baseline"
-            subprocess.run(["git", "worktree", "add", "--detach", str(tree), args.baseline], cwd=ROOT,
-                           check=True, capture_output=True)
-            rev = subprocess.run(["git", "rev-parse", "--short", args.baseline], cwd=ROOT, capture_output=True,
-                                 text=True).stdout.strip()
-        try:
+        baseline = revision_tree(args.baseline, work / "baseline") if args.baseline else nullcontext((None, ""))
+        with baseline as (tree, rev):
             times = measure(commands(adapters, tree, rev), args.runs, work)
-        finally:
-            if tree is not None:
-                subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, capture_output=True)
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
