@@ -65,7 +65,7 @@ def parts(paths, spec: FusionSpec, reps: int) -> dict[str, float]:
             result = run_method(method, sources, shape, p, name)
             fused = (np.asarray(result.a, np.float32), np.asarray(result.b, np.float32))
             t1 = clock()
-            grams = geometry.JointGrams([*sources, fused])
+            grams = geometry.JointGrams.of(sources, fused, result.span)
             t2 = clock()
             signals.module_signals(sources, fused, float(result.error), grams=grams)
             t3 = clock()

@@ -240,7 +240,8 @@ def _fuse_module(method, sources: list, shape: tuple[int, int], p, name: str):
     """One 2-D module (a linear layer, an embedding or one expert): its factors and record."""
     result = run_method(method, sources, shape, p, name)
     factors = (np.asarray(result.a, np.float32), np.asarray(result.b, np.float32))
-    grams = geometry.JointGrams([*sources, factors])  # one pass over the factors for every figure
+    # every figure from the Gram matrices: the method's own where it has them, else one pass over the factors
+    grams = geometry.JointGrams.of(sources, factors, result.span)
     return factors, {"rank": int(result.rank), "error": float(result.error),
                      "fused_norm": math.sqrt(max(grams.inner(len(sources), len(sources)), 0.0)),
                      **geometry.module_geometry(sources, shape, name, grams=grams),

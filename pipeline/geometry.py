@@ -80,6 +80,27 @@ class JointGrams:
         self.gb = sb.T @ sb
         self.ga = sa @ sa.T
 
+    @classmethod
+    def of(cls, sources: Sequence, fused, span=None) -> "JointGrams":
+        """The Gram matrices of ``[*sources, fused]``; with the fusion's ``span``
+        (:class:`pipeline.methods.lowrank.Span`: the method's Gram matrices of the present sources
+        and the fused factors' coordinates in them) in R x R arithmetic, without another pass over
+        the factors: ``gb = E^T span.gb E`` with ``E = [I | tb]``, likewise for A."""
+        if span is None:
+            return cls([*sources, fused])
+        out = cls.__new__(cls)
+        out._inner = None
+        out.spans, r0 = [], 0
+        for p in [*sources, fused]:
+            r = None if p is None else p[0].shape[0]
+            out.spans.append(None if r is None else slice(r0, r0 + r))
+            r0 += r or 0
+        eb = np.hstack([np.eye(span.gb.shape[0]), span.tb])
+        ea = np.vstack([np.eye(span.ga.shape[0]), span.ta])
+        out.gb = eb.T @ span.gb @ eb
+        out.ga = ea @ span.ga @ ea.T
+        return out
+
     def blocks(self, i: int, j: int) -> tuple[np.ndarray, np.ndarray]:
         """``(B_i^T B_j, A_i A_j^T)``."""
         si, sj = self.spans[i], self.spans[j]

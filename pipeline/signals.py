@@ -3,8 +3,9 @@
 A source is ``(A (r, in), B (out, r))`` with the scale folded into B (delta ``B @ A``) or None
 (delta 0), as in :mod:`pipeline.geometry`; the fused module is the same kind of pair. Nothing here
 forms a dense out x in matrix: every figure comes from the Gram matrices of the stacked factors
-(:class:`pipeline.geometry.JointGrams`, the one product that grows with the module) and r x r
-arithmetic on their blocks: each delta's thin SVD ``U = B xb``, ``V = A^T xa`` by
+(:class:`pipeline.geometry.JointGrams`, the one product that grows with the module; none at all
+where the method hands over its own Gram matrices of the sources and the fused factors'
+coordinates in them, :meth:`~pipeline.geometry.JointGrams.of`) and r x r arithmetic on their blocks: each delta's thin SVD ``U = B xb``, ``V = A^T xa`` by
 :func:`factor_svd`, and products of singular vectors as ``xb_i^T (B_i^T B_j) xb_j``.
 
 Per module (:func:`module_signals`):
@@ -22,8 +23,9 @@ Per module (:func:`module_signals`):
   ``<dW_i, dW_F> / |dW_i|^2`` (1: all of it, 0.5: half, 0 or below: cancelled).
 - ``alignment`` (per source, fusion): the subspace alignment ratio of Iso-C (arXiv 2502.04959),
   ``|U_k U_k^T dW_i|_F / |dW_i|_F`` where ``U_k`` are the fewest left singular vectors of the
-  fused delta that hold ``ALIGNMENT_ENERGY`` of its energy (1: the source's delta lies in the
-  fusion's dominant output directions).
+  fused delta that hold ``ALIGNMENT_ENERGY`` of its energy, with every singular value tied with the
+  last of them (``TIE_TOL``; a flat spectrum, as Iso-C writes, has no smaller dominant subspace)
+  (1: the source's delta lies in the fusion's dominant output directions).
 - ``energy_kept`` (fusion): the share of the fused delta's energy the written factors keep after
   re-factoring to the output rank, ``1 - error^2`` (the truncated SVD is an orthogonal projection).
 
@@ -44,6 +46,7 @@ from pipeline import geometry
 
 ALIGNMENT_ENERGY = 0.95  # the fused delta's dominant subspace holds this share of its energy
 RANK_TOL = 1e-6          # singular values below RANK_TOL * the largest are not directions
+TIE_TOL = 1e-6           # singular values this close (relatively) to the k-th are tied with it
 ORTHO_TOL = 1e-11        # a Cholesky basis is used when orthonormal to this (else eigh)
 KEPT_WARNING = 0.25      # a source the fusion keeps less of than this is flagged
 COSINE_WARNING = -0.5    # two sources whose deltas have a cosine below this are flagged
@@ -172,6 +175,8 @@ def module_signals(sources: Sequence, fused=None, error: float | None = None,
     sf = sv.svds[n][1]
     cum = np.cumsum(sf ** 2)
     k = int(np.searchsorted(cum, ALIGNMENT_ENERGY * cum[-1]) + 1) if sf.size else 0
+    if k:  # singular values tied with the k-th span no one subspace: all of them count
+        k = int(np.count_nonzero(sf >= sf[k - 1] * (1.0 - TIE_TOL)))
     top = sv.cols[n].start
     inner = grams.inner_matrix()
     kept_num, aligned = [], []

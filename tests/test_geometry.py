@@ -166,3 +166,34 @@ def test_module_geometry_equals_its_parts(sources):
     assert g["norms"] == pytest.approx([geometry.lowrank_norm(s) for s in sources], rel=1e-12)
     assert g["cosine"] == geometry.cosine_matrix(sources)
     assert (g["sign_conflict"], g["sign_conflict_all"]) == geometry.sign_conflicts(sources, SHAPE, NAME)
+
+
+@pytest.mark.parametrize("method,space", [("linear", "delta"), ("ties", "core"), ("dare_ties", "core"),
+                                          ("tsv", "delta"), ("iso_c", "delta"), ("iso_cts", "delta")])
+def test_grams_from_the_methods_span_match_the_written_factors(method, space):
+    """Where a method gives the fused factors' coordinates in the sources' stacks, the Gram matrices of
+    ``[*sources, fused]`` come from them in R x R arithmetic; they are those of the written factors up to
+    the factors' rounding to float32, and the sources' blocks are the sources' own Gram matrices."""
+    from pipeline.methods import ModuleParams, get_method, run_method
+
+    sources = [make_source(3, 1), None, make_source(5, 2), (make_source(2, 3)[0], 4.0 * make_source(2, 3)[1])]
+    p = ModuleParams(weights=(0.7, 1.0, -0.4, 0.5), space=space, density=0.6)
+    result = run_method(get_method(method), sources, SHAPE, p, NAME)
+    assert result.span is not None
+    fused = (result.a, result.b)
+    got, want = geometry.JointGrams.of(sources, fused, result.span), geometry.JointGrams([*sources, fused])
+    assert got.spans == want.spans
+    for mine, theirs in ((got.gb, want.gb), (got.ga, want.ga)):
+        assert mine.shape == theirs.shape
+        np.testing.assert_allclose(mine, theirs, rtol=0, atol=1e-6 * np.abs(theirs).max())
+        np.testing.assert_allclose(mine[:10, :10], theirs[:10, :10], rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(got.inner_matrix(), want.inner_matrix(), rtol=1e-5, atol=1e-9)
+    # and the fused block is the written delta's: its norm from the factors, densely
+    d = dense(fused)
+    assert math.sqrt(got.inner(4, 4)) == pytest.approx(np.linalg.norm(d), rel=1e-6)
+
+
+def test_grams_without_a_span_are_the_factors_own():
+    sources = [make_source(3, 1), make_source(4, 2)]
+    fused = make_source(2, 5)
+    assert geometry.JointGrams.of(sources, fused, None).gb.tobytes() == geometry.JointGrams([*sources, fused]).gb.tobytes()

@@ -85,6 +85,22 @@ def test_kept_and_alignment_match_dense_projections():
     assert alone["kept"][0] == pytest.approx(1.0) and alone["alignment"][0] == pytest.approx(1.0)
 
 
+def test_alignment_rank_takes_every_tied_singular_value():
+    # a flat spectrum (Iso-C's): the top 95% of the energy is no subspace of the span, so all of it counts
+    rng = np.random.default_rng(5)
+    qb = np.linalg.qr(rng.standard_normal((SHAPE[0], 22)))[0]
+    qa = np.linalg.qr(rng.standard_normal((SHAPE[1], 22)))[0]
+    flat = (qa.T.astype(np.float32), (2.0 * qb).astype(np.float32))
+    src = make_source(3, 1)
+    got = signals.module_signals([src], flat, 0.0)
+    assert got["alignment_rank"] == 22  # 21 hold 95.5% of the energy
+    d = dense(src)
+    assert got["alignment"][0] == pytest.approx(np.linalg.norm(qb @ (qb.T @ d)) / np.linalg.norm(d), rel=1e-6)
+    # one value clearly below the rest is not tied: the rank stops before it
+    steep = (flat[0], flat[1] * np.r_[np.ones(21), 0.01].astype(np.float32))
+    assert signals.module_signals([src], steep, 0.0)["alignment_rank"] == 21
+
+
 def test_summary_pools_over_modules_like_one_big_matrix():
     m1 = [make_source(2, 1), make_source(3, 2)]
     m2 = [make_source(2, 3, (16, 8)), make_source(3, 4, (16, 8))]

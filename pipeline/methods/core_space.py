@@ -138,6 +138,11 @@ def from_core(m: np.ndarray, bb: Basis, ba: Basis, rank: int | None,
     if k == 0:
         return zero_module(shape)
     err = float(math.sqrt(np.sum(s[k:nz] ** 2) / np.sum(s[:nz] ** 2))) if k < nz else 0.0
+    lift = None
+    if bb.w is not None and ba.w is not None:  # Q = x w: the factors' coordinates in the stacks
+        lu, lv = bb.w @ u[:, :k], (ba.w @ vt[:k].T).T
+        lift = (bb.gram, ba.gram, lu, lv)
+        return _from_svd(bb.x @ lu, s, (ba.x @ lv.T).T, k, shape, err, lift)
     return _from_svd(bb.apply(u[:, :k]), s, ba.apply(vt[:k].T).T, k, shape, err)
 
 

@@ -27,11 +27,25 @@ BLOCK = 1 << 17         # entries per row block of the dense path (512 KiB of fl
 
 
 @dataclass
+class Span:
+    """The fused factors as combinations of the present sources' stacked factors ``S_B = [B_1 | ..]``
+    (out, R) and ``S_A = [A_1; ..]`` (R, in), scale folded into B, no weights: ``b = S_B tb`` and
+    ``a = ta S_A`` before their rounding to float32, with the Gram matrices ``gb = S_B^T S_B`` and
+    ``ga = S_A S_A^T`` (float64) the method computed anyway. Every inner product of the sources and
+    the fusion then follows in R x R arithmetic (:meth:`pipeline.geometry.JointGrams.of`)."""
+    gb: np.ndarray  # (R, R)
+    ga: np.ndarray  # (R, R)
+    tb: np.ndarray  # (R, rank)
+    ta: np.ndarray  # (rank, R)
+
+
+@dataclass
 class FusedModule:
     a: np.ndarray   # (r, in) float32
     b: np.ndarray   # (out, r) float32   -> fused delta = b @ a
     rank: int       # == a.shape[0]
     error: float    # |dW - b @ a| / |dW| versus the method's exact result (0.0 if exact or dW == 0)
+    span: Span | None = None  # where the method knows them: the factors in the sources' span
 
 
 def stack_factors(sources: Sequence, coeffs: Sequence[float], shape: tuple[int, int],
@@ -74,7 +88,9 @@ def _keep_count(s: np.ndarray, rank: int | None, tol: float) -> tuple[int, int]:
     return nz, nz if rank is None else min(nz, rank)
 
 
-def _from_svd(u, s, vt, k: int, shape, error: float) -> FusedModule:
+def _from_svd(u, s, vt, k: int, shape, error: float, lift=None) -> FusedModule:
+    """The FusedModule of ``u[:, :k] diag(s) vt[:k]`` with the sign convention. ``lift``: ``(gb, ga,
+    lu, lv)`` with ``u[:, :k] = S_B lu`` and ``vt[:k] = lv S_A`` (see :class:`Span`), or None."""
     if k == 0:
         return zero_module(shape)
     sgn = _signs(vt[:k])
@@ -83,7 +99,11 @@ def _from_svd(u, s, vt, k: int, shape, error: float) -> FusedModule:
     np.multiply(u[:, :k], s[:k] * sgn, out=b, casting="same_kind")
     a = np.empty((k, vt.shape[1]), np.float32)
     np.multiply(vt[:k], sgn[:, None], out=a, casting="same_kind")
-    return FusedModule(a, b, k, error)
+    span = None
+    if lift is not None:
+        gb, ga, lu, lv = lift
+        span = Span(gb, ga, lu * (s[:k] * sgn), lv * sgn[:, None])
+    return FusedModule(a, b, k, error, span)
 
 
 def _cond(r: np.ndarray) -> float:
@@ -92,28 +112,35 @@ def _cond(r: np.ndarray) -> float:
 
 
 def _triangular(x: np.ndarray) -> np.ndarray | None:
-    """An upper-triangular ``R`` with ``x = Q R`` (``x``: n x R float64, Q with orthonormal
-    columns, never formed) and ``cond(R) <= COND_MAX``, or None when ``x`` is too close to
+    """:func:`triangular_gram`'s ``R``."""
+    return triangular_gram(x)[0]
+
+
+def triangular_gram(x: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """``(R, x^T x)``: an upper-triangular ``R`` with ``x = Q R`` (``x``: n x R float64, Q with
+    orthonormal columns, never formed) and ``cond(R) <= COND_MAX``, or None when ``x`` is too close to
     rank-deficient for that (or has fewer rows than columns).
 
     ``R`` is the Cholesky factor of ``x^T x`` when ``cond(x) <= COND_GRAM`` (its error, about
     ``cond^2 * 1e-16``, is then far below float32's rounding; a Gram product costs a fifth of a
-    Householder QR), else the R of a Householder QR (error about ``cond * 1e-16``)."""
+    Householder QR), else the R of a Householder QR (error about ``cond * 1e-16``). The Gram
+    matrix is None for a wide ``x``."""
     n, k = x.shape
     if n < k:
-        return None
+        return None, None
+    g = x.T @ x
     try:
-        r = np.linalg.cholesky(x.T @ x).T
+        r = np.linalg.cholesky(g).T
         if _cond(r) <= COND_GRAM:
-            return r
+            return r, g
     except np.linalg.LinAlgError:
         pass
     r = np.linalg.qr(x, mode="r")
-    return r if _cond(r) <= COND_MAX else None
+    return (r if _cond(r) <= COND_MAX else None), g
 
 
 def refactor_exact(bc: np.ndarray, ac: np.ndarray, rank: int | None = None,
-                   tol: float = REL_TOL) -> FusedModule:
+                   tol: float = REL_TOL, coeffs: np.ndarray | None = None) -> FusedModule:
     """Re-factor ``bc @ ac`` ((out, R) @ (R, in)) without forming it: QR of both factors, SVD of
     the small core; exact smaller rank (s <= tol * s_max dropped as zeros), or the best rank-r
     approximation when ``rank`` is smaller, with its relative error.
@@ -123,14 +150,17 @@ def refactor_exact(bc: np.ndarray, ac: np.ndarray, rank: int | None = None,
     ``Q_b U = bc R_b^-1 U`` and ``V^T Q_a^T = (ac^T R_a^-1 V)^T``, two small triangular solves and
     two skinny products (forming Q costs three times as much as R). A factor that is (nearly)
     rank-deficient (an adapter fused with itself, a zero weight) has no usable R^-1: then both Q
-    are formed by Householder QR, as the dense reference does."""
+    are formed by Householder QR, as the dense reference does.
+
+    ``coeffs`` (R,): ``bc``'s columns are the sources' stacked B's times these (nonzero), as
+    :func:`stack_factors` makes them; the result then carries its :class:`Span`."""
     shape = (bc.shape[0], ac.shape[1])
     if bc.shape[1] == 0:
         return zero_module(shape)
     bc = np.asarray(bc, dtype=np.float64)
     act = np.asarray(ac, dtype=np.float64).T
-    rb = _triangular(bc)
-    ra = _triangular(act) if rb is not None else None
+    rb, gb = triangular_gram(bc)
+    ra, ga = triangular_gram(act) if rb is not None else (None, None)
     fast = ra is not None
     if not fast:
         qb, rb = np.linalg.qr(bc)
@@ -142,12 +172,24 @@ def refactor_exact(bc: np.ndarray, ac: np.ndarray, rank: int | None = None,
         err = float(math.sqrt(np.sum(s[k:nz] ** 2) / np.sum(s[:nz] ** 2)))
     if k == 0:
         return zero_module(shape)
+    lift = None
     if fast:
-        left = bc @ np.linalg.solve(rb, u[:, :k])                # Q_b U_k
-        right = (act @ np.linalg.solve(ra, vt[:k].T)).T          # V_k^T Q_a^T
+        lu = np.linalg.solve(rb, u[:, :k])
+        lv = np.linalg.solve(ra, vt[:k].T).T
+        left = bc @ lu                # Q_b U_k
+        right = (act @ lv.T).T        # V_k^T Q_a^T
+        if coeffs is not None and np.all(coeffs != 0):
+            lift = (gb / np.outer(coeffs, coeffs), ga, coeffs[:, None] * lu, lv)
     else:
         left, right = qb @ u[:, :k], vt[:k] @ qa.T
-    return _from_svd(left, s, right, k, shape, err)
+    return _from_svd(left, s, right, k, shape, err, lift)
+
+
+def column_coeffs(sources: Sequence, coeffs: Sequence[float]) -> np.ndarray:
+    """The scale of each column of :func:`stack_factors`' ``B_c``: ``c_i`` repeated ``r_i`` times
+    over the present sources."""
+    return np.concatenate([np.full(s[0].shape[0], float(c)) for s, c in zip(sources, coeffs) if s is not None]
+                          or [np.zeros(0)])
 
 
 def _orth(y: np.ndarray) -> np.ndarray:

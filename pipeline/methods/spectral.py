@@ -17,7 +17,7 @@ import math
 import numpy as np
 
 from pipeline.errors import FusionError
-from pipeline.methods.lowrank import REL_TOL, FusedModule, _from_svd, _triangular, stack_factors, zero_module
+from pipeline.methods.lowrank import REL_TOL, FusedModule, _from_svd, stack_factors, triangular_gram, zero_module
 from pipeline.methods.registry import ModuleParams
 
 
@@ -45,11 +45,16 @@ def polar(x: np.ndarray) -> tuple[np.ndarray, bool]:
 
 def qr_factors(x: np.ndarray):
     """``(R, Q)`` of ``x = Q R``; Q is None when ``x R^-1`` stands for it (``_triangular``)."""
-    r = _triangular(x)
+    return qr_gram(x)[:2]
+
+
+def qr_gram(x: np.ndarray):
+    """``(R, Q, G)``: :func:`qr_factors` and the Gram matrix ``x^T x`` when Q is None (else None)."""
+    r, g = triangular_gram(x)
     if r is not None:
-        return r, None
+        return r, None, g
     q, r = np.linalg.qr(x)
-    return r, q
+    return r, q, None
 
 
 class Basis:
@@ -63,8 +68,8 @@ class Basis:
         self.offsets = np.concatenate([[0], np.cumsum(ranks)]).astype(int)
         self.bc, ac = stack_factors(sources, [1.0] * len(sources), shape)
         self.act = ac.T
-        self.rb, self.qb = qr_factors(self.bc)
-        self.ra, self.qa = qr_factors(self.act)
+        self.rb, self.qb, self.gb = qr_gram(self.bc)
+        self.ra, self.qa, self.ga = qr_gram(self.act)
 
     def cols(self, j: int) -> slice:
         """The stack's columns of the ``j``-th present source."""
@@ -99,6 +104,10 @@ class Basis:
         u, s, vt = u[:, keep], s[keep], vt[keep]
         k = s.size if rank is None else min(rank, s.size)
         err = float(math.sqrt(np.sum(s[k:] ** 2) / np.sum(s ** 2))) if k < s.size else 0.0
+        if self.qb is None and self.qa is None:  # Q = x R^-1: the factors' coordinates in the stacks
+            lu, lv = np.linalg.solve(self.rb, u[:, :k]), np.linalg.solve(self.ra, vt[:k].T).T
+            return _from_svd(self.bc @ lu, s, (self.act @ lv.T).T, k, self.shape, err,
+                             (self.gb, self.ga, lu, lv))
         return _from_svd(self.left(u[:, :k]), s, self.right(vt[:k].T).T, k, self.shape, err)
 
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from pipeline.methods.dense import merge_dense, workspace
 from pipeline.methods.factor_space import in_factor_space
-from pipeline.methods.lowrank import FusedModule, refactor_dense, refactor_exact, stack_factors
+from pipeline.methods.lowrank import FusedModule, column_coeffs, refactor_dense, refactor_exact, stack_factors
 from pipeline.methods.ops import merge_task_vectors, source_rng, svd_rng
 from pipeline.methods.registry import ModuleParams
 
@@ -22,7 +22,7 @@ from pipeline.methods.registry import ModuleParams
 def linear(sources, shape, p: ModuleParams, name: str) -> FusedModule:
     """``sum_i w_i dW_i`` through the stacked factors, re-factored exactly (or to ``rank``)."""
     bc, ac = stack_factors(sources, p.weights, shape)
-    return refactor_exact(bc, ac, p.rank)
+    return refactor_exact(bc, ac, p.rank, coeffs=column_coeffs(sources, p.weights))
 
 
 def concat(sources, shape, p: ModuleParams, name: str) -> FusedModule:
